@@ -1,0 +1,194 @@
+"""Base class of the callbacks that keep per-sample state under the batch contract."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_noisy.state import BatchContract, StepContext
+
+
+@dataclass(frozen=True)
+class TrainingLabels:
+    """The labels of the training set as the data provides them.
+
+    Attributes:
+        noisy: ``[N]`` int64 labels the model is given.
+        clean: ``[N]`` int64 true labels, or ``None`` when unknown.
+        num_classes: ``C``.
+    """
+
+    noisy: Tensor
+    clean: Tensor | None
+    num_classes: int
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.noisy.shape[0])
+
+
+def find_training_labels(trainer: pl.Trainer) -> TrainingLabels:
+    """Read ``noisy_labels``, ``clean_labels`` and ``num_classes`` from the DataModule or the training dataset.
+
+    Our DataModules and :class:`~lightning_noisy.data.NoisyLabelDataset` provide them; any object with
+    those attributes works.
+    """
+    loader = trainer.train_dataloader
+    sources = [trainer.datamodule, getattr(loader, "dataset", None)]
+    for source in sources:
+        noisy = getattr(source, "noisy_labels", None)
+        if isinstance(noisy, Tensor):
+            clean = getattr(source, "clean_labels", None)
+            num_classes = getattr(source, "num_classes", None)
+            if num_classes is None:
+                num_classes = int(noisy.max()) + 1
+            return TrainingLabels(noisy.to(torch.long).cpu(), None if clean is None else clean.to(torch.long).cpu(),
+                                  int(num_classes))
+    raise ValueError(
+        "lightning-noisy needs the training labels: use a DataModule or a training dataset that exposes "
+        "`noisy_labels` ([N] tensor), `clean_labels` (or None) and `num_classes`, such as "
+        "lightning_noisy.data.NoisyLabelDataset; found neither on the DataModule "
+        f"({type(trainer.datamodule).__name__}) nor on the training dataset ({type(sources[1]).__name__})"
+    )
+
+
+def is_last_batch(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether ``batch_idx`` is the last training batch of the epoch (``limit_train_batches`` included)."""
+    return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch) or batch_idx + 1 >= trainer.num_training_batches
+
+
+def log_histogram(trainer: pl.Trainer, tag: str, values: Tensor) -> None:
+    """Add a histogram of ``values`` to every TensorBoard logger of the trainer (global rank zero only)."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_histogram(tag, values.detach().float().cpu(), global_step=trainer.current_epoch)
+
+
+class SampleStateCallback(Callback):
+    """Takes part in the batch contract and runs its epoch-boundary work exactly once per training epoch.
+
+    Subclasses implement :meth:`allocate`, :meth:`on_batch` and :meth:`on_epoch_boundary`, and return
+    their per-sample state from :meth:`sample_state_dict`. The epoch-boundary work runs after the last
+    training batch of the epoch, so it is done before validation and before any checkpoint of that epoch
+    is written, and resuming from an epoch-boundary checkpoint continues as the uninterrupted run would.
+
+    Args:
+        key: distinguishes two instances of one callback class in a checkpoint.
+    """
+
+    require_logits: bool = True
+
+    def __init__(self, key: str | None = None) -> None:
+        self.key = key
+        self.contract: BatchContract | None = None
+        self.context: StepContext | None = None
+        self.training_labels: TrainingLabels | None = None
+        self._finished_epoch = -1
+        self._loaded_state: dict[str, Any] | None = None
+        self._said_no_clean = False
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(key=self.key)
+
+    # -- hooks for subclasses ------------------------------------------------------------------
+    def allocate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, labels: TrainingLabels) -> None:
+        """Create the per-sample buffers once the training labels are known."""
+
+    def on_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:
+        """Called after the index was taken out of the batch (substitute targets here)."""
+
+    def on_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:
+        """Called after ``training_step`` with the step's context (record values here)."""
+
+    def on_epoch_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Called once per epoch on every rank, after the last training batch (gather and update here)."""
+
+    def sample_state_dict(self) -> dict[str, Any]:
+        """The per-sample state to checkpoint."""
+        return {}
+
+    def load_sample_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`sample_state_dict`, after :meth:`allocate`; validate before changing anything."""
+
+    # -- Lightning hooks -----------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.contract = BatchContract.attach(pl_module, self, require_logits=self.require_logits)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._release()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release()  # Lightning skips teardown on an exception; leave the module as it was
+
+    def _release(self) -> None:
+        if self.contract is not None:
+            self.contract.release(self)
+            self.contract = None
+            self.context = None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.training_labels = find_training_labels(trainer)
+        self.allocate(trainer, pl_module, self.training_labels)
+        if self._loaded_state is not None:
+            state, self._loaded_state = self._loaded_state, None
+            self.load_sample_state_dict(state)
+        if self.training_labels.clean is None and not self._said_no_clean:
+            self._said_no_clean = True
+            rank_zero_info(
+                f"{type(self).__name__}: the clean labels are unknown, so the noisy/ recovery metrics are not logged"
+            )
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        assert self.contract is not None, "setup('fit') attaches the batch contract"
+        self.context = self.contract.begin_batch(batch, batch_idx)
+        self.on_batch_start(trainer, pl_module, self.context)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.context is not None and self.context.batch is batch:
+            self.on_batch(trainer, pl_module, self.context)
+        if is_last_batch(trainer, batch_idx):
+            self._finish_epoch(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish_epoch(trainer, pl_module)
+
+    def _finish_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._finished_epoch == trainer.current_epoch:
+            return
+        self._finished_epoch = trainer.current_epoch
+        self.on_epoch_boundary(trainer, pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"finished_epoch": self._finished_epoch, **self.sample_state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        self._finished_epoch = int(state.pop("finished_epoch", -1))
+        self._loaded_state = state

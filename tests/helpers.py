@@ -1,0 +1,68 @@
+"""Small real pieces the Lightning tests share: a separable toy data set and an unmodified classifier."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_noisy.data import NoisyLabelDataset, TensorPairDataset
+
+NUM_FEATURES, NUM_CLASSES = 4, 3
+
+
+def toy_dataset(n: int = 24, noisy_every: int = 4, seed: int = 0, return_index: bool = True) -> NoisyLabelDataset:
+    """``n`` Gaussian blobs of 3 classes; every ``noisy_every``-th label shifted to the next class."""
+    generator = torch.Generator().manual_seed(seed)
+    clean = torch.arange(n) % NUM_CLASSES
+    x = torch.randn(n, NUM_FEATURES, generator=generator) * 0.3 + F.one_hot(clean, NUM_FEATURES).float() * 2
+    noisy = clean.clone()
+    noisy[::noisy_every] = (clean[::noisy_every] + 1) % NUM_CLASSES
+    return NoisyLabelDataset(TensorPairDataset(x, clean), noisy, clean, NUM_CLASSES, return_index=return_index)
+
+
+def toy_loader(dataset: NoisyLabelDataset, batch_size: int = 8, shuffle: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+
+
+class PlainClassifier(pl.LightningModule):
+    """A module as users write it: ``x, y = batch`` and cross-entropy; it knows nothing of the package.
+
+    It remembers what ``training_step`` received and what ``forward`` returned, for the tests to compare.
+    """
+
+    def __init__(self, lr: float = 0.1, call_self: bool = True) -> None:
+        super().__init__()
+        self.net = nn.Linear(NUM_FEATURES, NUM_CLASSES)
+        self.lr = lr
+        self.call_self = call_self
+        self.received_targets: list[Tensor] = []
+        self.forward_outputs: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.net(x)
+        self.forward_outputs.append(out)
+        return out
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        self.received_targets.append(y.detach().clone())
+        logits = self(x) if self.call_self else self.net(x)
+        return F.cross_entropy(logits, y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def trainer(**kwargs: Any) -> pl.Trainer:
+    """A quiet CPU trainer with no checkpoints or logs unless asked."""
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
