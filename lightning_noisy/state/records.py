@@ -22,8 +22,10 @@ def reduce_by_index(index: Tensor, values: Tensor, reduction: Reduction = "mean"
     """Combine the records that share an index by a fixed rule.
 
     Records are ordered by index with a stable sort, so among equal indices the order of arrival (rank
-    order after a gather) is kept; ``"first"``/``"last"`` pick by that order, the other rules do not
-    depend on it (``"mean"`` and ``"sum"`` of two records are exact whatever their order).
+    order after a gather) is kept: ``"first"``/``"last"`` pick by that order, and ``"mean"``/``"sum"``
+    add in that order, so the result is the same on every rank and in every run (two records, the
+    DistributedSampler padding case, give the same sum in either order). When no index repeats, the
+    values are only reordered: no accumulator is allocated, which matters for ``N x C`` records.
 
     Args:
         index: ``[M]`` int64 sample indices, possibly repeated.
@@ -41,6 +43,8 @@ def reduce_by_index(index: Tensor, values: Tensor, reduction: Reduction = "mean"
     order = torch.argsort(index, stable=True)
     index, values = index[order], values[order]
     unique, inverse, counts = torch.unique_consecutive(index, return_inverse=True, return_counts=True)
+    if unique.shape[0] == index.shape[0]:
+        return unique, values, counts
     ends = torch.cumsum(counts, 0)
     if reduction == "first":
         return unique, values[ends - counts], counts
@@ -51,7 +55,7 @@ def reduce_by_index(index: Tensor, values: Tensor, reduction: Reduction = "mean"
         scatter_index = inverse.view(-1, *([1] * (values.ndim - 1))).expand_as(values)
         amax_or_amin = "amax" if reduction == "max" else "amin"
         return unique, out.scatter_reduce(0, scatter_index, values, amax_or_amin, include_self=False), counts
-    acc_dtype = torch.float64 if values.is_floating_point() else values.dtype
+    acc_dtype = torch.float32 if values.dtype in (torch.float16, torch.bfloat16) else values.dtype
     total = torch.zeros((unique.shape[0], *values.shape[1:]), dtype=acc_dtype, device=values.device)
     total.index_add_(0, inverse, values.to(acc_dtype))
     if reduction == "mean":
@@ -111,11 +115,19 @@ class SampleRecorder:
         device = torch.device(device)
         if self._index:
             index = torch.cat([i.to(device) for i in self._index])
+            self._index.clear()
             values = torch.cat([v.to(device) for v in self._values])
+            self._values.clear()  # free the per-batch pieces before the gathered copy exists
         else:
             index = torch.empty(0, dtype=torch.long, device=device)
             values = torch.empty((0, *self.value_shape), dtype=self.dtype, device=device)
-        all_index = torch.cat(all_gather_uneven(index)).cpu()
-        all_values = torch.cat(all_gather_uneven(values)).cpu()
-        self.clear()
+        all_index = _concatenate(all_gather_uneven(index)).cpu()
+        del index
+        all_values = _concatenate(all_gather_uneven(values)).cpu()
+        del values
         return reduce_by_index(all_index, all_values, reduction)
+
+
+def _concatenate(parts: list[Tensor]) -> Tensor:
+    """``torch.cat`` without the copy when there is a single part (one process)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
