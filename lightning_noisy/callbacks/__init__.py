@@ -1,0 +1,13 @@
+"""Callbacks that add label correction, noisy-sample detection and robust training to any Trainer."""
+
+from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels, find_training_labels
+from lightning_noisy.callbacks.label_correction import LabelCorrectionCallback
+from lightning_noisy.callbacks.monitor import NoisyLabelMonitor
+
+__all__ = [
+    "LabelCorrectionCallback",
+    "NoisyLabelMonitor",
+    "SampleStateCallback",
+    "TrainingLabels",
+    "find_training_labels",
+]

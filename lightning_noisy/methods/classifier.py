@@ -1,0 +1,179 @@
+"""NoisyClassifier: a plain Lightning classifier whose loss, optimiser and schedule are set from config."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
+
+from lightning_noisy.losses import get_loss
+from lightning_noisy.losses.mixup import mixup_batch
+from lightning_noisy.models import build_backbone
+
+OptimizerName = Literal["sgd", "adamw"]
+SchedulerName = Literal["constant", "multistep", "cosine"]
+
+
+def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    """``(input, target)`` of a batch ``[input, target]`` or ``[input, target, index]`` (index ignored)."""
+    if not isinstance(batch, (list, tuple)) or len(batch) not in (2, 3):
+        raise ValueError(f"expected a batch [input, target] or [input, target, index], got {type(batch).__name__}")
+    return batch[0], batch[1]
+
+
+def build_optimizer(
+    params: Any, name: OptimizerName, lr: float, momentum: float, weight_decay: float, nesterov: bool
+) -> torch.optim.Optimizer:
+    """SGD (with momentum) or AdamW over ``params`` (parameters or param-group dicts)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")
+
+
+def check_optimisation_args(
+    optimizer: str, lr: float, momentum: float, weight_decay: float, scheduler: str, milestones: list[int], gamma: float
+) -> None:
+    """Validate the optimiser and schedule arguments shared by the package's modules."""
+    if optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+    if scheduler not in ("constant", "multistep", "cosine"):
+        raise ValueError(f"scheduler must be 'constant', 'multistep' or 'cosine', got {scheduler!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if not 0 < gamma <= 1:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    if any(m < 1 for m in milestones) or list(milestones) != sorted(milestones):
+        raise ValueError(f"milestones must be increasing positive epochs, got {milestones}")
+
+
+class NoisyClassifier(pl.LightningModule):
+    """A classifier for noisy labels: backbone by name, a (robust) loss by name, SGD/AdamW and a schedule.
+
+    It follows the batch contract: ``training_step`` takes ``x, y = batch`` (an index left in the batch
+    is ignored, so it also runs without the package's callbacks), accepts hard ``[B]`` or soft ``[B, C]``
+    targets and returns ``{"loss", "logits"}``. The validation loop reports ``test/acc`` (the package's
+    DataModules validate on the held-out test split, as the papers report test accuracy per epoch) and
+    the best value so far as ``test/acc_best``.
+
+    Args:
+        backbone: backbone name (``"cnn1d"``, ``"mlp"``, ``"preact_resnet18"``, ``"torchvision:<name>"``).
+        num_classes: number of classes ``C``.
+        backbone_kwargs: extra arguments of the backbone.
+        loss: loss name (``"ce"``, ``"mae"``, ``"gce"``, ``"sce"``, ...; see ``lightning_noisy.losses``).
+        loss_kwargs: the loss's hyperparameters, e.g. ``{"q": 0.7}`` for GCE.
+        label_smoothing: label smoothing of the cross-entropy (only with ``loss="ce"``).
+        mixup_alpha: mixup's ``Beta(alpha, alpha)`` parameter; 0 disables mixup.
+        optimizer: ``"sgd"`` or ``"adamw"``.
+        lr: learning rate.
+        momentum: SGD momentum.
+        weight_decay: weight decay.
+        nesterov: Nesterov momentum for SGD.
+        scheduler: ``"constant"``, ``"multistep"`` (``milestones``, ``gamma``) or ``"cosine"`` (over ``max_epochs``).
+        milestones: epochs at which ``"multistep"`` multiplies the learning rate by ``gamma``.
+        gamma: multiplicative decay of ``"multistep"``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "cnn1d",
+        num_classes: int = 10,
+        backbone_kwargs: dict[str, Any] | None = None,
+        loss: str = "ce",
+        loss_kwargs: dict[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        optimizer: OptimizerName = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        nesterov: bool = False,
+        scheduler: SchedulerName = "constant",
+        milestones: list[int] | None = None,
+        gamma: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        milestones = list(milestones or [])
+        check_optimisation_args(optimizer, lr, momentum, weight_decay, scheduler, milestones, gamma)
+        if int(num_classes) < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if label_smoothing > 0 and loss != "ce":
+            raise ValueError(f"label_smoothing applies to loss='ce' only, got loss={loss!r}")
+        if not mixup_alpha >= 0:
+            raise ValueError(f"mixup_alpha must be >= 0, got {mixup_alpha}")
+        self.num_classes = int(num_classes)
+        self.milestones = milestones
+        self.backbone = build_backbone(backbone, self.num_classes, **(backbone_kwargs or {}))
+        if label_smoothing > 0:
+            self.criterion = get_loss("label_smoothing", smoothing=label_smoothing)
+        else:
+            self.criterion = get_loss(loss, **(loss_kwargs or {}))
+        self.val_accuracy = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
+        self.test_accuracy = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
+        self.register_buffer("best_acc", torch.tensor(0.0))
+
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, ...] -> [B, C]`` logits."""
+        return self.backbone(x)
+
+    def compute_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The configured loss of ``logits [B, C]`` against hard ``[B]`` or soft ``[B, C]`` targets."""
+        return self.criterion(logits, targets)
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        x, y = split_batch(batch)
+        if self.hparams.mixup_alpha > 0:
+            x, y, _ = mixup_batch(x, y, self.num_classes, self.hparams.mixup_alpha)
+        logits = self(x)
+        loss = self.compute_loss(logits, y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        return {"loss": loss, "logits": logits}
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = split_batch(batch)
+        self.val_accuracy.update(self(x), y)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        acc = self.val_accuracy.compute()
+        self.val_accuracy.reset()
+        if not self.trainer.sanity_checking:
+            self.best_acc = torch.maximum(self.best_acc, acc.to(self.best_acc))
+        self.log("test/acc", acc, prog_bar=True)
+        self.log("test/acc_best", self.best_acc)
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = split_batch(batch)
+        self.test_accuracy.update(self(x), y)
+        self.log("test/acc", self.test_accuracy, on_step=False, on_epoch=True)
+
+    @override
+    def configure_optimizers(self) -> OptimizerLRScheduler:
+        hp = self.hparams
+        optimizer = build_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.momentum, hp.weight_decay, hp.nesterov)
+        if hp.scheduler == "constant":
+            return optimizer
+        if hp.scheduler == "multistep":
+            schedule: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.MultiStepLR(
+                optimizer, self.milestones, hp.gamma
+            )
+        else:
+            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs or 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}

@@ -1,0 +1,188 @@
+"""LabelCorrectionCallback: update rules, the K-epoch pipeline, DDP, resume parity and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from helpers import NUM_CLASSES, PlainClassifier, toy_dataset, trainer
+from lightning_noisy.callbacks import LabelCorrectionCallback
+from lightning_noisy.data import NoisyLabelDataset, TensorPairDataset
+from lightning_noisy.data.sampler import EpochShuffleSampler
+from lightning_noisy.state.label_rules import hard_labels, soft_labels, top_k_hard_labels, update_labels
+
+# -- the update rules, by hand -------------------------------------------------------------------
+
+
+def test_soft_rule_is_the_prediction_and_hard_rule_its_argmax() -> None:
+    predictions = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]])
+    assert torch.equal(soft_labels(predictions), predictions)
+    assert torch.equal(hard_labels(predictions), torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+
+
+def test_top_k_changes_exactly_the_k_most_disagreeing_labels() -> None:
+    labels = F.one_hot(torch.tensor([0, 0, 1, 2, 2]), 3).float()
+    predictions = torch.tensor(
+        [
+            [0.9, 0.05, 0.05],  # agrees
+            [0.1, 0.8, 0.1],  # disagrees: gap 0.8 - 0.1 = 0.7
+            [0.5, 0.3, 0.2],  # disagrees: gap 0.5 - 0.3 = 0.2
+            [0.3, 0.6, 0.1],  # disagrees: gap 0.6 - 0.1 = 0.5
+            [0.1, 0.1, 0.8],  # agrees
+        ]
+    )
+    new = top_k_hard_labels(labels, predictions, k=2)
+    assert new.argmax(1).tolist() == [0, 1, 1, 1, 2]  # samples 1 (gap .7) and 3 (gap .5) change, 2 does not
+    assert int((new.argmax(1) != labels.argmax(1)).sum()) == 2
+    # with k larger than the disagreements, only the 3 disagreeing labels change
+    assert update_labels(labels, predictions, "hard_topk", top_k=10).argmax(1).tolist() == [0, 1, 0, 1, 2]
+
+
+# -- the whole pipeline with predictions known in advance ----------------------------------------
+
+N = 10
+# softmax outputs per epoch and sample, chosen so the K=2 average is easy to write by hand
+TABLE = torch.softmax(torch.randn(4, N, NUM_CLASSES, generator=torch.Generator().manual_seed(3)) * 3, dim=2)
+
+
+class ScriptedClassifier(PlainClassifier):
+    """Predicts TABLE[epoch, sample] exactly (the sample id is the input); ``net`` enters with weight 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.inputs.append(x)
+        ids = x[:, 0].long() % N
+        out = TABLE[self.current_epoch, ids].log() + 0 * self.net(x)
+        self.forward_outputs.append(out)
+        return out
+
+
+def scripted_data(n: int = N) -> NoisyLabelDataset:
+    x = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 4)
+    labels = torch.arange(n) % NUM_CLASSES
+    return NoisyLabelDataset(TensorPairDataset(x, labels), labels, labels, NUM_CLASSES)
+
+
+def test_soft_labels_are_the_mean_softmax_of_the_last_k_epochs() -> None:
+    callback = LabelCorrectionCallback(update="soft", num_average_epochs=2, start_epoch=1)
+    model = ScriptedClassifier()
+    trainer(max_epochs=3, callbacks=[callback]).fit(model, DataLoader(scripted_data(), batch_size=4, shuffle=True))
+    # labels after epoch 2 (0-based): mean of epochs 1 and 2; after epoch 1 they were mean of 0 and 1
+    torch.testing.assert_close(callback.labels, (TABLE[1] + TABLE[2]) / 2)
+    assert callback.num_updates == 2
+    # epoch 2 trained on the labels made at the end of epoch 1
+    received = torch.cat(model.received_targets[-3:])  # epoch 2's three batches, shuffled
+    ids = torch.cat([x[:, 0].long() for x in model.inputs[-3:]])
+    torch.testing.assert_close(received, ((TABLE[0] + TABLE[1]) / 2)[ids])
+
+
+def test_hard_labels_follow_the_average_argmax_and_frozen_labels_do_not_move() -> None:
+    hard = LabelCorrectionCallback(update="hard", num_average_epochs=3, start_epoch=0, key="hard")
+    frozen = LabelCorrectionCallback(update="hard", num_average_epochs=3, frozen=True, key="frozen")
+    trainer(max_epochs=3, callbacks=[hard, frozen]).fit(ScriptedClassifier(), DataLoader(scripted_data(), batch_size=5))
+    assert torch.equal(hard.hard_labels, TABLE[:3].mean(0).argmax(1))
+    assert torch.equal(frozen.hard_labels, torch.arange(N) % NUM_CLASSES) and frozen.num_updates == 0
+
+
+def test_no_update_before_start_or_after_stop_epoch() -> None:
+    callback = LabelCorrectionCallback(update="soft", num_average_epochs=1, start_epoch=1, stop_epoch=2)
+    trainer(max_epochs=4, callbacks=[callback]).fit(ScriptedClassifier(), DataLoader(scripted_data(), batch_size=5))
+    assert callback.num_updates == 1  # only at the end of epoch 1
+    torch.testing.assert_close(callback.labels, TABLE[1])
+
+
+# -- DDP: identical label store on both ranks, every index once per epoch --------------------------
+
+
+class StoreChecker(LabelCorrectionCallback):
+    def on_epoch_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_epoch_boundary(trainer, pl_module)
+        gathered = trainer.strategy.all_gather(self.labels)
+        assert torch.equal(gathered[0], gathered[1]), "label stores differ between ranks"
+        epochs = trainer.current_epoch + 1
+        assert torch.equal(self._history.visits, torch.full((N + 1,), epochs)), self._history.visits
+        ids = torch.arange(N + 1) % N  # sample 10 predicts like sample 0
+        torch.testing.assert_close(self.labels, TABLE[:epochs, ids].mean(0))
+
+
+@pytest.mark.ddp
+def test_label_store_identical_on_two_ranks_and_covers_every_index_once() -> None:
+    callback = StoreChecker(update="soft", num_average_epochs=3, start_epoch=0)
+    # 11 samples on 2 ranks: DistributedSampler pads with a duplicate index
+    trainer(devices=2, strategy="ddp_spawn", max_epochs=3, callbacks=[callback]).fit(
+        ScriptedClassifier(), DataLoader(scripted_data(N + 1), batch_size=3, shuffle=True)
+    )
+
+
+# -- resume parity ----------------------------------------------------------------------------------
+
+
+def _resumable_run(tmp_path: Path, max_epochs: int, ckpt: Path | None = None) -> tuple[LabelCorrectionCallback, PlainClassifier]:
+    pl.seed_everything(7, verbose=False)
+    dataset = toy_dataset(n=30, noisy_every=3)
+    loader = DataLoader(dataset, batch_size=8, sampler=EpochShuffleSampler(dataset, seed=1))
+    callback = LabelCorrectionCallback(update="soft", num_average_epochs=2, start_epoch=1, prior_weight=0.5,
+                                       entropy_weight=0.2)
+    model = PlainClassifier(lr=0.5)
+    trainer(max_epochs=max_epochs, callbacks=[callback], default_root_dir=tmp_path).fit(
+        model, loader, ckpt_path=None if ckpt is None else str(ckpt)
+    )
+    return callback, model
+
+
+def test_resume_from_epoch_boundary_matches_uninterrupted_run(tmp_path: Path) -> None:
+    full_callback, full_model = _resumable_run(tmp_path / "full", max_epochs=4)
+    first_callback, first_model = _resumable_run(tmp_path / "first", max_epochs=2)
+    ckpt = tmp_path / "epoch2.ckpt"
+    first_model.trainer.save_checkpoint(ckpt)
+    resumed_callback, resumed_model = _resumable_run(tmp_path / "resumed", max_epochs=4, ckpt=ckpt)
+    assert resumed_callback.num_updates == full_callback.num_updates == 3
+    assert torch.equal(resumed_callback.labels, full_callback.labels)
+    for (name, a), (_, b) in zip(full_model.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_of_another_data_set_is_rejected(tmp_path: Path) -> None:
+    callback, model = _resumable_run(tmp_path / "a", max_epochs=1)
+    ckpt = tmp_path / "a.ckpt"
+    model.trainer.save_checkpoint(ckpt)
+    other = DataLoader(toy_dataset(n=12), batch_size=4)
+    with pytest.raises(ValueError, match="num_samples=30 .* into a buffer with num_samples=12"):
+        trainer(max_epochs=2, callbacks=[LabelCorrectionCallback()]).fit(PlainClassifier(), other, ckpt_path=str(ckpt))
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_average_epochs": 0}, "num_average_epochs must be >= 1, got 0"),
+        ({"start_epoch": 5, "stop_epoch": 3}, "stop_epoch must be after start_epoch=5, got stop_epoch=3"),
+        ({"prior_weight": -0.1}, "prior_weight must be >= 0, got -0.1"),
+        ({"entropy_weight": -1.0}, "entropy_weight must be >= 0, got -1.0"),
+        ({"update": "median"}, "update must be one of .* got 'median'"),
+        ({"top_k": 0}, "top_k must be >= 1, got 0"),
+        ({"prior": [0.5, 0.6]}, "prior must be a list of non-negative class probabilities summing to 1"),
+    ],
+)
+def test_bad_arguments_are_rejected(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LabelCorrectionCallback(**kwargs)
+
+
+def test_module_without_logits_is_rejected_on_the_first_batch() -> None:
+    with pytest.raises(RuntimeError, match="could not find the logits"):
+        trainer(callbacks=[LabelCorrectionCallback()]).fit(
+            PlainClassifier(call_self=False), DataLoader(toy_dataset(n=8), batch_size=4)
+        )
