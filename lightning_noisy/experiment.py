@@ -11,6 +11,7 @@ import math
 import multiprocessing
 import statistics
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ def run_config(config: str, overrides: Sequence[str] = (), seed: int = 0, thread
     torch.set_num_threads(threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-run banners in tables
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")  # the caller's own argv
     history = EpochHistory()
     args = [
         "--config", config, *overrides,

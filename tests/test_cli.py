@@ -1,0 +1,55 @@
+"""The ``lightning-noisy`` command on the shipped configs, with a tiny data size."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_noisy.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = ["--trainer.max_epochs=1", "--data.init_args.num_samples=300", "--trainer.enable_progress_bar=false"]
+
+
+def logged_tags(root: Path) -> set[str]:
+    (events,) = root.glob("lightning_logs/version_0/events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0, "histograms": 0})
+    accumulator.Reload()
+    return set(accumulator.Tags()["scalars"]) | set(accumulator.Tags()["histograms"])
+
+
+def test_fit_ce_config_logs_noisy_label_accuracy_to_tensorboard(tmp_path: Path) -> None:
+    main(["fit", "--config", str(CONFIGS / "mnist1d_ce.yaml"), *TINY, f"--trainer.default_root_dir={tmp_path}"])
+    tags = logged_tags(tmp_path)
+    assert {"noisy/noisy_label_acc", "noisy/train_pred_acc", "test/acc", "test/acc_best"} <= tags
+    assert {"noisy/sample_loss_clean", "noisy/sample_loss_noisy"} <= tags  # histograms
+    assert (tmp_path / "lightning_logs/version_0/config.yaml").exists()
+
+
+def test_fit_joint_optimization_config_and_callbacks_added_from_the_command_line(tmp_path: Path) -> None:
+    main([
+        "fit", "--config", str(CONFIGS / "mnist1d_joint_optimization.yaml"), *TINY,
+        "--trainer.max_epochs=3", "--model.init_args.step1_epochs=2", "--model.init_args.start_epoch=0",
+        "--trainer.callbacks+=lightning_noisy.callbacks.NoisyLabelMonitor", "--trainer.callbacks.key=second",
+        f"--trainer.default_root_dir={tmp_path}",
+    ])
+    assert {"noisy/recovery_acc", "noisy/changed_frac", "noisy/label_entropy", "noisy/joint_optimization_loss"} <= (
+        logged_tags(tmp_path)
+    )
+
+
+def test_module_entry_point_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "lightning_noisy", "fit", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "--config" in out.stdout and "--trainer.callbacks" in out.stdout
+
+
+def test_bad_config_value_is_reported_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"noise_rate must be in \[0, 1\], got 1.5"):
+        main(["fit", "--config", str(CONFIGS / "mnist1d_ce.yaml"), "--data.init_args.noise_rate=1.5",
+              f"--trainer.default_root_dir={tmp_path}"])
+    assert not (tmp_path / "lightning_logs").exists()
