@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import statistics
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,6 @@ from common import RunResult, markdown_table, mean_spread, run_many
 
 # ``run_config`` hands the CLI its arguments explicitly; the spawned workers inherit this script's own
 # ``sys.argv``, about which LightningCLI would warn once per run. Module level, so workers apply it too.
-warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
 
 # The default grid, in one place: a later method adds its config here.
 DEFAULT_CONFIGS: tuple[str, ...] = (

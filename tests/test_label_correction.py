@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from helpers import NUM_CLASSES, PlainClassifier, toy_dataset, trainer
+from helpers import NUM_CLASSES, TABLE, N, PlainClassifier, ScriptedClassifier, scripted_data, toy_dataset, trainer
 from lightning_noisy.callbacks import LabelCorrectionCallback
 from lightning_noisy.data import NoisyLabelDataset, TensorPairDataset
 from lightning_noisy.data.sampler import EpochShuffleSampler
@@ -45,32 +45,6 @@ def test_top_k_changes_exactly_the_k_most_disagreeing_labels() -> None:
     assert update_labels(labels, predictions, "hard_topk", top_k=10).argmax(1).tolist() == [0, 1, 0, 1, 2]
 
 
-# -- the whole pipeline with predictions known in advance ----------------------------------------
-
-N = 10
-# softmax outputs per epoch and sample, chosen so the K=2 average is easy to write by hand
-TABLE = torch.softmax(torch.randn(4, N, NUM_CLASSES, generator=torch.Generator().manual_seed(3)) * 3, dim=2)
-
-
-class ScriptedClassifier(PlainClassifier):
-    """Predicts TABLE[epoch, sample] exactly (the sample id is the input); ``net`` enters with weight 0."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inputs: list[Tensor] = []
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.inputs.append(x)
-        ids = x[:, 0].long() % N
-        out = TABLE[self.current_epoch, ids].log() + 0 * self.net(x)
-        self.forward_outputs.append(out)
-        return out
-
-
-def scripted_data(n: int = N) -> NoisyLabelDataset:
-    x = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 4)
-    labels = torch.arange(n) % NUM_CLASSES
-    return NoisyLabelDataset(TensorPairDataset(x, labels), labels, labels, NUM_CLASSES)
 
 
 def test_soft_labels_are_the_mean_softmax_of_the_last_k_epochs() -> None:

@@ -163,13 +163,10 @@ class LabelCorrectionCallback(SampleStateCallback):
         if not state:
             return
         assert self._labels is not None and self._history is not None
-        probe_labels = SampleBuffer(self._labels.num_samples, self._labels.value_shape)
-        probe_history = SampleHistory(
-            self._history.num_samples, self._history.window, self._history.value_shape, self.history_dtype
-        )
-        probe_labels.load_state_dict(state["labels"])  # validates N, C before anything is changed
-        probe_history.load_state_dict(state["history"])
-        self._labels, self._history = probe_labels, probe_history
+        self._labels.check_state_dict(state["labels"])  # both checked before either changes
+        self._history.check_state_dict(state["history"])
+        self._labels.load_state_dict(state["labels"])
+        self._history.load_state_dict(state["history"])
         self._num_updates = int(state["num_updates"])
         self.frozen = bool(state["frozen"])
 

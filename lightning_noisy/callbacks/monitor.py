@@ -93,8 +93,7 @@ class NoisyLabelMonitor(SampleStateCallback):
         if not state:
             return
         assert self.predictions is not None and self.losses is not None
-        predictions = SampleBuffer(self.predictions.num_samples, (), torch.long)
-        losses = SampleBuffer(self.losses.num_samples, (), torch.float32)
-        predictions.load_state_dict(state["predictions"])
-        losses.load_state_dict(state["losses"])
-        self.predictions, self.losses = predictions, losses
+        self.predictions.check_state_dict(state["predictions"])  # both checked before either changes
+        self.losses.check_state_dict(state["losses"])
+        self.predictions.load_state_dict(state["predictions"])
+        self.losses.load_state_dict(state["losses"])

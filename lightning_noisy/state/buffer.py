@@ -95,9 +95,13 @@ class SampleBuffer:
             "visits": self.visits.clone(),
         }
 
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if ``state`` is of another ``N`` or shape; changes nothing."""
+        _check_state(state, self.num_samples, self.value_shape, "SampleBuffer")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; a state of another ``N`` or shape is rejected with nothing changed."""
-        _check_state(state, self.num_samples, self.value_shape, "SampleBuffer")
+        self.check_state_dict(state)
         self.values.copy_(state["values"])
         self.visits.copy_(state["visits"])
 
@@ -168,10 +172,14 @@ class SampleHistory:
             "visits": self.visits.clone(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; another ``N``, shape or window is rejected with nothing changed."""
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if ``state`` is of another ``N``, shape or window; changes nothing."""
         _check_state(state, self.num_samples, self.value_shape, "SampleHistory")
         if int(state["window"]) != self.window:
             raise ValueError(f"cannot load a history with window={state['window']} into one with window={self.window}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; another ``N``, shape or window is rejected with nothing changed."""
+        self.check_state_dict(state)
         self.entries.copy_(state["entries"])
         self.visits.copy_(state["visits"])
