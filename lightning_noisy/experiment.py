@@ -76,7 +76,7 @@ def run_config(config: str, overrides: Sequence[str] = (), seed: int = 0, thread
         "--trainer.logger=false", "--trainer.enable_checkpointing=false",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
     ]
-    cli = build_cli(args=args, run=False)
+    cli = build_cli(args=args, run=False, save_config_callback=None)  # nothing written to the working dir
     cli.trainer.callbacks.append(history)
     cli.trainer.fit(cli.model, cli.datamodule)
     rows = history.rows

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_noisy.state import BatchContract, StepContext
+from lightning_noisy.state import BatchContract, SampleBuffer, SampleHistory, StepContext
 
 
 @dataclass(frozen=True)
@@ -115,12 +115,43 @@ class SampleStateCallback(Callback):
     def on_epoch_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Called once per epoch on every rank, after the last training batch (gather and update here)."""
 
-    def sample_state_dict(self) -> dict[str, Any]:
-        """The per-sample state to checkpoint."""
+    def sample_buffers(self) -> dict[str, SampleBuffer | SampleHistory]:
+        """The per-sample buffers to checkpoint, by name (empty before :meth:`allocate`)."""
         return {}
 
+    def extra_state_dict(self) -> dict[str, Any]:
+        """Small non-buffer state to checkpoint beside the buffers (counters, switches)."""
+        return {}
+
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state_dict`."""
+
+    # -- shared helpers ----------------------------------------------------------------------
+    @staticmethod
+    def log_epoch_metrics(pl_module: pl.LightningModule, metrics: dict[str, Tensor]) -> None:
+        """Log values that are already identical on every rank (no sync) once for the epoch."""
+        for name, value in metrics.items():
+            pl_module.log(name, value, on_step=False, on_epoch=True, batch_size=1)
+
+    def sample_state_dict(self) -> dict[str, Any]:
+        buffers = self.sample_buffers()
+        if not buffers:
+            return {}
+        return {"buffers": {k: b.state_dict() for k, b in buffers.items()}, "extra": self.extra_state_dict()}
+
     def load_sample_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`sample_state_dict`, after :meth:`allocate`; validate before changing anything."""
+        """Restore :meth:`sample_state_dict` after :meth:`allocate`: every buffer is checked before any changes."""
+        if not state:
+            return
+        buffers = self.sample_buffers()
+        saved = state["buffers"]
+        if set(saved) != set(buffers):
+            raise ValueError(f"{type(self).__name__}: the checkpoint holds buffers {sorted(saved)}, expected {sorted(buffers)}")
+        for name, buffer in buffers.items():
+            buffer.check_state_dict(saved[name])
+        for name, buffer in buffers.items():
+            buffer.load_state_dict(saved[name])
+        self.load_extra_state_dict(state["extra"])
 
     # -- Lightning hooks -----------------------------------------------------------------------
     @override

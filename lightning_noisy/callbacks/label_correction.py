@@ -148,25 +148,17 @@ class LabelCorrectionCallback(SampleStateCallback):
             self.contract.add_loss_term(self, "joint_optimization", self._loss_terms)
 
     @override
-    def sample_state_dict(self) -> dict[str, Any]:
+    def sample_buffers(self) -> dict[str, SampleBuffer | SampleHistory]:
         if self._labels is None or self._history is None:
             return {}
-        return {
-            "labels": self._labels.state_dict(),
-            "history": self._history.state_dict(),
-            "num_updates": self._num_updates,
-            "frozen": self.frozen,
-        }
+        return {"labels": self._labels, "history": self._history}
 
     @override
-    def load_sample_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
-            return
-        assert self._labels is not None and self._history is not None
-        self._labels.check_state_dict(state["labels"])  # both checked before either changes
-        self._history.check_state_dict(state["history"])
-        self._labels.load_state_dict(state["labels"])
-        self._history.load_state_dict(state["history"])
+    def extra_state_dict(self) -> dict[str, Any]:
+        return {"num_updates": self._num_updates, "frozen": self.frozen}
+
+    @override
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         self._num_updates = int(state["num_updates"])
         self.frozen = bool(state["frozen"])
 
@@ -228,6 +220,5 @@ class LabelCorrectionCallback(SampleStateCallback):
         }
         if self.training_labels.clean is not None:
             metrics["noisy/recovery_acc"] = (hard == self.training_labels.clean).float().mean()
-        for name, value in metrics.items():
-            pl_module.log(name, value, on_step=False, on_epoch=True, batch_size=1)
+        self.log_epoch_metrics(pl_module, metrics)
         log_histogram(trainer, "noisy/label_confidence", self._labels.values.max(1).values)

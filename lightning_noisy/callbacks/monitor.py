@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from typing_extensions import override
 
 from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels, log_histogram
-from lightning_noisy.state import SampleBuffer, SampleRecorder, StepContext
+from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder, StepContext
 
 
 class NoisyLabelMonitor(SampleStateCallback):
@@ -74,8 +72,7 @@ class NoisyLabelMonitor(SampleStateCallback):
             if bool((is_noisy & seen).any()):
                 wrong = is_noisy & seen
                 metrics["noisy/memorized_frac"] = (self.predictions.values[wrong] == labels.noisy[wrong]).float().mean()
-            for name, value in metrics.items():
-                pl_module.log(name, value, on_step=False, on_epoch=True, batch_size=1)
+            self.log_epoch_metrics(pl_module, metrics)
             if self.histogram:
                 log_histogram(trainer, "noisy/sample_loss_clean", self.losses.values[seen & ~is_noisy])
                 log_histogram(trainer, "noisy/sample_loss_noisy", self.losses.values[seen & is_noisy])
@@ -83,17 +80,7 @@ class NoisyLabelMonitor(SampleStateCallback):
             log_histogram(trainer, "noisy/sample_loss", self.losses.values[self.losses.visited])
 
     @override
-    def sample_state_dict(self) -> dict[str, Any]:
+    def sample_buffers(self) -> dict[str, SampleBuffer | SampleHistory]:
         if self.predictions is None or self.losses is None:
             return {}
-        return {"predictions": self.predictions.state_dict(), "losses": self.losses.state_dict()}
-
-    @override
-    def load_sample_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
-            return
-        assert self.predictions is not None and self.losses is not None
-        self.predictions.check_state_dict(state["predictions"])  # both checked before either changes
-        self.losses.check_state_dict(state["losses"])
-        self.predictions.load_state_dict(state["predictions"])
-        self.losses.load_state_dict(state["losses"])
+        return {"predictions": self.predictions, "losses": self.losses}
