@@ -118,3 +118,43 @@ def test_contract_under_two_process_ddp() -> None:
     trainer(devices=2, strategy="ddp_spawn", callbacks=[DDPProbe(term_weight=0.1)]).fit(
         model, toy_loader(toy_dataset(n=20), batch_size=4)
     )
+
+
+class ForwardCorrectionProbe(SoftTargetProbe):
+    """Sets the forward-correction transform ``log(softmax(z) @ T)`` for the whole run."""
+
+    def __init__(self, transition: Tensor) -> None:
+        super().__init__()
+        self.transition = transition
+        self.raw_logits: list[Tensor] = []
+
+    def allocate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, labels: Any) -> None:
+        self.contract.set_logits_transform(lambda z: torch.log(torch.softmax(z, 1) @ self.transition))
+
+    def on_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:
+        self.seen_index.append(context.index.clone())
+
+    def on_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:
+        self.raw_logits.append(context.logits.detach())
+
+
+def test_logits_transform_makes_the_unmodified_loss_forward_corrected() -> None:
+    from lightning_noisy.losses import forward_corrected_loss
+
+    dataset = toy_dataset(n=8)
+    torch.manual_seed(0)
+    model = PlainClassifier(lr=1.0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    transition = torch.tensor([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.0, 0.3, 0.7]])
+    probe = ForwardCorrectionProbe(transition)
+    trainer(callbacks=[probe]).fit(model, toy_loader(dataset, batch_size=8))
+    reference = PlainClassifier()
+    reference.load_state_dict(start)
+    x = torch.stack([dataset[i][0] for i in range(8)])
+    logits = reference.net(x)
+    torch.testing.assert_close(probe.raw_logits[0], logits.detach())  # callbacks see the raw logits
+    forward_corrected_loss(logits, dataset.noisy_labels[:8], transition).backward()
+    for name, param in reference.net.named_parameters():
+        torch.testing.assert_close(model.net.get_parameter(name), param.detach() - param.grad)
+    model.eval()
+    assert torch.equal(model(x), model.net(x))  # outside training steps the forward output is untouched

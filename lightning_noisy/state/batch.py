@@ -12,6 +12,11 @@ ends after ``training_step`` has returned, so the hook never mistakes its output
 
 Loss terms that callbacks add (prior, entropy, confidence penalties) are summed onto the loss that
 ``training_step`` returns, inside the same autocast and DDP context, so one backward pass covers both.
+
+A callback may also set a logits transform: during training steps only, the module's own forward
+output is replaced by ``transform(logits)`` (e.g. forward loss correction's ``log(softmax(z) @ T)``,
+under which the module's unmodified cross-entropy is the corrected loss). The callbacks keep seeing
+the raw logits in :attr:`StepContext.logits`.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class StepContext:
     logits: Tensor | None = None
     loss_terms: dict[str, Tensor] = field(default_factory=dict)
     _hooked_logits: Tensor | None = None
+    _transformed_logits: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -85,6 +91,7 @@ class BatchContract:
         self.context: StepContext | None = None
         self._owners: set[int] = set()
         self._loss_terms: dict[str, LossTerm] = {}
+        self._logits_transform: Callable[[Tensor], Tensor] | None = None
         self._logits_required = False
         self._capturing = False
         self._original_training_step = module.training_step
@@ -159,6 +166,12 @@ class BatchContract:
         device = context.targets.device if isinstance(context.targets, Tensor) else targets.device
         context.batch[1] = targets.to(device, non_blocking=True)
 
+    def set_logits_transform(self, transform: Callable[[Tensor], Tensor] | None) -> None:
+        """Replace the module's training forward output ``[B, C]`` by ``transform(logits)`` (``None`` to stop)."""
+        self._logits_transform = transform
+        if transform is not None:
+            self._logits_required = True
+
     def add_loss_term(self, owner: object, name: str, term: LossTerm) -> None:
         """Add ``term(context)`` (a scalar, or ``None`` to skip) to every training step's loss."""
         self._loss_terms[f"{id(owner)}:{name}"] = term
@@ -170,10 +183,10 @@ class BatchContract:
             raise RuntimeError("no training batch has started: call begin_batch in on_train_batch_start first")
         return self.context
 
-    def _capture_logits(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+    def _capture_logits(self, module: torch.nn.Module, args: Any, output: Any) -> Tensor | None:
         context = self.context
         if not self._capturing or context is None or context._hooked_logits is not None:
-            return
+            return None
         if (
             isinstance(output, Tensor)
             and output.ndim == 2
@@ -181,6 +194,10 @@ class BatchContract:
             and output.shape[0] == context.batch_size
         ):
             context._hooked_logits = output
+            if self._logits_transform is not None:
+                context._transformed_logits = self._logits_transform(output)
+                return context._transformed_logits  # a forward hook's return value replaces the output
+        return None
 
     def _wrap(self, training_step: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(training_step)
@@ -194,8 +211,9 @@ class BatchContract:
             finally:
                 self._capturing = False
             logits = output.get(LOGITS_KEY) if isinstance(output, Mapping) else None
-            logits = logits if isinstance(logits, Tensor) else context._hooked_logits
-            context._hooked_logits = None
+            if not isinstance(logits, Tensor) or logits is context._transformed_logits:
+                logits = context._hooked_logits  # the raw logits, also when the module returned transformed ones
+            context._hooked_logits = context._transformed_logits = None
             if logits is None:
                 if self._logits_required:
                     raise RuntimeError(MISSING_LOGITS_MESSAGE.format(key=LOGITS_KEY))
