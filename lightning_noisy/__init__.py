@@ -1,3 +1,43 @@
 """lightning-noisy: learning with noisy labels as a PyTorch Lightning plugin suite."""
 
+from lightning_noisy.callbacks import (
+    ForwardCorrectionCallback,
+    LabelCorrectionCallback,
+    NoisyLabelMonitor,
+    SampleStateCallback,
+)
+from lightning_noisy.data import (
+    CIFARDataModule,
+    DigitsDataModule,
+    ImageFolderCSVDataModule,
+    MNIST1DDataModule,
+    NoisyDataModule,
+    NoisyLabelDataset,
+    NoisyLabels,
+    make_noisy_labels,
+)
+from lightning_noisy.methods import JointOptimization, NoisyClassifier
+from lightning_noisy.metrics import CleanSelectionMetrics, RecoveryAccuracy
+from lightning_noisy.models import build_backbone
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "CIFARDataModule",
+    "CleanSelectionMetrics",
+    "DigitsDataModule",
+    "ForwardCorrectionCallback",
+    "ImageFolderCSVDataModule",
+    "JointOptimization",
+    "LabelCorrectionCallback",
+    "MNIST1DDataModule",
+    "NoisyClassifier",
+    "NoisyDataModule",
+    "NoisyLabelDataset",
+    "NoisyLabelMonitor",
+    "NoisyLabels",
+    "RecoveryAccuracy",
+    "SampleStateCallback",
+    "build_backbone",
+    "make_noisy_labels",
+]

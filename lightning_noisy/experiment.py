@@ -20,7 +20,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-TRACKED = ("test/acc", "train/loss", "noisy/recovery_acc", "noisy/train_pred_acc", "noisy/changed_frac")
+TRACKED = (
+    "test/acc", "train/loss", "noisy/recovery_acc", "noisy/train_pred_acc", "noisy/changed_frac", "noisy/transition_mae",
+)
 
 
 class EpochHistory(Callback):

@@ -129,7 +129,7 @@ class ForwardCorrectionProbe(SoftTargetProbe):
         self.raw_logits: list[Tensor] = []
 
     def allocate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, labels: Any) -> None:
-        self.contract.set_logits_transform(lambda z: torch.log(torch.softmax(z, 1) @ self.transition))
+        self.contract.set_logits_transform(self, lambda z: torch.log(torch.softmax(z, 1) @ self.transition))
 
     def on_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:
         self.seen_index.append(context.index.clone())
@@ -158,3 +158,19 @@ def test_logits_transform_makes_the_unmodified_loss_forward_corrected() -> None:
         torch.testing.assert_close(model.net.get_parameter(name), param.detach() - param.grad)
     model.eval()
     assert torch.equal(model(x), model.net(x))  # outside training steps the forward output is untouched
+
+
+def test_second_logits_transform_is_refused_and_release_clears_it() -> None:
+    from lightning_noisy.state import BatchContract
+
+    model = PlainClassifier()
+    first, second = object(), object()
+    contract = BatchContract.attach(model, first)
+    BatchContract.attach(model, second)
+    contract.set_logits_transform(first, torch.log_softmax)
+    with pytest.raises(ValueError, match="only one logits transform"):
+        contract.set_logits_transform(second, torch.log_softmax)
+    contract.release(first)
+    contract.set_logits_transform(second, torch.log_softmax)  # free again once its owner left
+    contract.release(second)
+    assert "training_step" not in vars(model)

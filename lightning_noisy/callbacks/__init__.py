@@ -1,10 +1,12 @@
 """Callbacks that add label correction, noisy-sample detection and robust training to any Trainer."""
 
 from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels, find_training_labels
+from lightning_noisy.callbacks.forward_correction import ForwardCorrectionCallback
 from lightning_noisy.callbacks.label_correction import LabelCorrectionCallback
 from lightning_noisy.callbacks.monitor import NoisyLabelMonitor
 
 __all__ = [
+    "ForwardCorrectionCallback",
     "LabelCorrectionCallback",
     "NoisyLabelMonitor",
     "SampleStateCallback",

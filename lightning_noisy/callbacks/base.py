@@ -135,8 +135,6 @@ class SampleStateCallback(Callback):
 
     def sample_state_dict(self) -> dict[str, Any]:
         buffers = self.sample_buffers()
-        if not buffers:
-            return {}
         return {"buffers": {k: b.state_dict() for k, b in buffers.items()}, "extra": self.extra_state_dict()}
 
     def load_sample_state_dict(self, state: dict[str, Any]) -> None:

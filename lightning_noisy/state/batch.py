@@ -92,6 +92,7 @@ class BatchContract:
         self._owners: set[int] = set()
         self._loss_terms: dict[str, LossTerm] = {}
         self._logits_transform: Callable[[Tensor], Tensor] | None = None
+        self._logits_transform_owner: int | None = None
         self._logits_required = False
         self._capturing = False
         self._original_training_step = module.training_step
@@ -114,6 +115,8 @@ class BatchContract:
         self._owners.discard(id(owner))
         for name in [n for n in self._loss_terms if n.startswith(f"{id(owner)}:")]:
             del self._loss_terms[name]
+        if self._logits_transform_owner == id(owner):
+            self._logits_transform = self._logits_transform_owner = None
         if self._owners:
             return
         self._hook.remove()
@@ -166,9 +169,15 @@ class BatchContract:
         device = context.targets.device if isinstance(context.targets, Tensor) else targets.device
         context.batch[1] = targets.to(device, non_blocking=True)
 
-    def set_logits_transform(self, transform: Callable[[Tensor], Tensor] | None) -> None:
-        """Replace the module's training forward output ``[B, C]`` by ``transform(logits)`` (``None`` to stop)."""
+    def set_logits_transform(self, owner: object, transform: Callable[[Tensor], Tensor] | None) -> None:
+        """Replace the module's training forward output ``[B, C]`` by ``transform(logits)`` (``None`` to stop).
+
+        One owner at a time: two transforms of the logits would silently compose, so a second is refused.
+        """
+        if self._logits_transform_owner not in (None, id(owner)):
+            raise ValueError("another callback already transforms the logits; only one logits transform can be active")
         self._logits_transform = transform
+        self._logits_transform_owner = None if transform is None else id(owner)
         if transform is not None:
             self._logits_required = True
 
