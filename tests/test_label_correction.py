@@ -160,3 +160,23 @@ def test_module_without_logits_is_rejected_on_the_first_batch() -> None:
         trainer(callbacks=[LabelCorrectionCallback()]).fit(
             PlainClassifier(call_self=False), DataLoader(toy_dataset(n=8), batch_size=4)
         )
+
+
+def test_prior_and_entropy_terms_reach_the_gradient_of_an_unmodified_module() -> None:
+    from lightning_noisy.losses import entropy_loss, prior_loss
+
+    dataset = toy_dataset(n=8)
+    torch.manual_seed(0)
+    model = PlainClassifier(lr=1.0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = LabelCorrectionCallback(prior_weight=1.2, entropy_weight=0.8)
+    trainer(callbacks=[callback]).fit(model, DataLoader(dataset, batch_size=8))
+    reference = PlainClassifier()
+    reference.load_state_dict(start)
+    x = torch.stack([dataset[i][0] for i in range(8)])
+    logits = reference.net(x)
+    # one SGD step (lr 1) on the paper's L = L_c + alpha L_p + beta L_e, by hand
+    loss = F.cross_entropy(logits, dataset.noisy_labels) + 1.2 * prior_loss(logits) + 0.8 * entropy_loss(logits)
+    loss.backward()
+    for name, param in reference.net.named_parameters():
+        torch.testing.assert_close(model.net.get_parameter(name), param.detach() - param.grad)
