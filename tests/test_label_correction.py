@@ -9,12 +9,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 from torch.utils.data import DataLoader
 
 from helpers import NUM_CLASSES, TABLE, N, PlainClassifier, ScriptedClassifier, scripted_data, toy_dataset, trainer
 from lightning_noisy.callbacks import LabelCorrectionCallback
-from lightning_noisy.data import NoisyLabelDataset, TensorPairDataset
 from lightning_noisy.data.sampler import EpochShuffleSampler
 from lightning_noisy.state.label_rules import hard_labels, soft_labels, top_k_hard_labels, update_labels
 
