@@ -48,8 +48,8 @@ class NoisyLabelMonitor(SampleStateCallback):
     def on_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:
         assert self._loss is not None and self._prediction is not None and context.logits is not None
         logits = context.logits.detach().float()
-        labels = self.training_labels.noisy[context.index.cpu()].to(logits.device)  # type: ignore[union-attr]
-        self._loss.add(context.index, F.cross_entropy(logits, labels, reduction="none"))
+        # the batch's own targets are the given labels, already on the device (read before any substitution)
+        self._loss.add(context.index, F.cross_entropy(logits, context.targets, reduction="none"))
         self._prediction.add(context.index, logits.argmax(1))
 
     @override
