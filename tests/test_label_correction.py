@@ -178,3 +178,19 @@ def test_prior_and_entropy_terms_reach_the_gradient_of_an_unmodified_module() ->
     loss.backward()
     for name, param in reference.net.named_parameters():
         torch.testing.assert_close(model.net.get_parameter(name), param.detach() - param.grad)
+
+
+def test_saved_labels_feed_step_two_through_a_file(tmp_path: Path) -> None:
+    from lightning_noisy.data import MNIST1DDataModule, load_noisy_labels
+
+    callback = LabelCorrectionCallback(update="soft", num_average_epochs=2, start_epoch=0)
+    trainer(max_epochs=2, callbacks=[callback]).fit(ScriptedClassifier(), DataLoader(scripted_data(), batch_size=5))
+    path = callback.save_labels(tmp_path / "corrected.pt")
+    loaded = load_noisy_labels(path, NUM_CLASSES)
+    assert torch.equal(loaded.labels, callback.hard_labels)
+    assert torch.equal(loaded.clean_labels, torch.arange(N) % NUM_CLASSES)
+    assert torch.equal(torch.load(path)["soft_labels"], callback.labels)
+    # a DataModule of another class count refuses them rather than misreading them
+    data = MNIST1DDataModule(num_samples=N * 10, train_split=0.1, noise_type="file", noise_file=str(path))
+    with pytest.raises(ValueError, match="num_classes=10 disagrees with the 3 classes stored"):
+        data.setup("fit")

@@ -12,6 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels, log_histogram
+from lightning_noisy.data.noise import save_corrected_labels
 from lightning_noisy.losses.regularizers import entropy_loss, prior_loss
 from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder, StepContext
 from lightning_noisy.state.label_rules import UPDATE_RULES, UpdateRule, label_entropy, update_labels
@@ -122,8 +123,6 @@ class LabelCorrectionCallback(SampleStateCallback):
 
     def save_labels(self, path: str | Path) -> Path:
         """Save the corrected labels for step 2 (load with ``noise_type="file"``; soft labels under ``soft_labels``)."""
-        from lightning_noisy.data.noise import save_corrected_labels
-
         labels = self.training_labels
         assert labels is not None
         return save_corrected_labels(path, self.labels, clean_labels=labels.clean, source=type(self).__name__)
