@@ -24,17 +24,10 @@ import math
 import time
 from pathlib import Path
 
-from common import RunResult, markdown_table, mean_spread, run_many
+from common import RunResult, markdown_table, mean_spread, noise_overrides, plot_curves, run_many
 
 CE, JO = "configs/mnist1d_ce.yaml", "configs/mnist1d_joint_optimization.yaml"
 METHODS = {"CE": CE, "JO": JO}
-
-
-def noise_overrides(kind: str, rate: float, num_samples: int) -> list[str]:
-    """CLI overrides for ``kind`` noise at ``rate`` on a data set of ``num_samples`` (80% train)."""
-    out = [f"--data.init_args.noise_type={kind}", f"--data.init_args.noise_rate={rate}",
-           f"--data.init_args.num_samples={num_samples}"]
-    return out + (["--data.init_args.class_map=mnist"] if kind == "asymmetric" else [])
 
 
 def recovery(r: RunResult) -> float:
@@ -64,25 +57,6 @@ def run_grid(kind: str, rates: list[float], seeds: list[int], num_samples: int, 
     for (m, rate, _), r in zip(grid, runs):
         results.setdefault((m, rate), []).append(r)
     return results
-
-
-def plot_curves(path: Path, title: str, ylabel: str, curves: dict[str, list[float]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for label, values in curves.items():
-        ax.plot(range(1, len(values) + 1), values, label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def series(r: RunResult, key: str) -> list[float]:

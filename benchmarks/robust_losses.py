@@ -26,7 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import RunResult, markdown_table, mean_spread, run_many
+from common import RunResult, markdown_table, mean_spread, noise_overrides, plot_curves, run_many
 
 FORWARD = "configs/mnist1d_forward.yaml"
 # row name -> (config, extra overrides)
@@ -45,13 +45,6 @@ ESTIMATED = "Forward, estimated T"
 FIGURE_RATE = 0.5
 
 Setting = tuple[str, float]  # (noise kind, rate)
-
-
-def noise_overrides(kind: str, rate: float, num_samples: int) -> list[str]:
-    """CLI overrides for ``kind`` noise at ``rate`` on a data set of ``num_samples`` (80% train)."""
-    out = [f"--data.init_args.noise_type={kind}", f"--data.init_args.noise_rate={rate}",
-           f"--data.init_args.num_samples={num_samples}"]
-    return out + (["--data.init_args.class_map=mnist"] if kind == "asymmetric" else [])
 
 
 def setting_name(setting: Setting) -> str:
@@ -94,25 +87,6 @@ def mae_table(results: dict[tuple[Setting, str], list[RunResult]], settings: lis
     return markdown_table(["", *[setting_name(s) for s in settings]], [["mean abs. error of T", *cells]])
 
 
-def plot_curves(path: Path, title: str, curves: dict[str, list[float]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.0))
-    for label, values in curves.items():
-        ax.plot(range(1, len(values) + 1), [100 * v for v in values], label=label, linewidth=1.2)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def figure(out: Path, results: dict[tuple[Setting, str], list[RunResult]], seeds: list[int], num_samples: int,
            jobs: int, extra: list[str]) -> str:
     """Test accuracy per epoch at 50% symmetric noise, seed 0 (the grid's runs when it has them)."""
@@ -123,8 +97,8 @@ def figure(out: Path, results: dict[tuple[Setting, str], list[RunResult]], seeds
         again = run_grid([setting], list(METHODS), [0], num_samples, jobs, extra)
         runs = {m: again[(setting, m)][0] for m in METHODS}
     name = "robust_losses_sym50.png"
-    plot_curves(out / name, f"MNIST-1D, {FIGURE_RATE:.0%} symmetric noise, seed 0",
-                {m: [row.get("test/acc", math.nan) for row in r.history] for m, r in runs.items()})
+    plot_curves(out / name, f"MNIST-1D, {FIGURE_RATE:.0%} symmetric noise, seed 0", "test accuracy (%)",
+                {m: [row.get("test/acc", math.nan) for row in r.history] for m, r in runs.items()}, scale=100)
     return name
 
 

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import common
 from common import RunResult, markdown_table, mean_spread, run_many
 
 # ``run_config`` hands the CLI its arguments explicitly; the spawned workers inherit this script's own
@@ -41,10 +42,9 @@ DEFAULT_NOISE: tuple[str, ...] = ("symmetric:0.4",)
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
 
 # asymmetric noise needs a class map; the configs in the default grid are all MNIST-1D
-ASYMMETRIC_CLASS_MAP = "mnist"
 
 
-def noise_overrides(setting: str) -> list[str]:
+def parse_noise_setting(setting: str) -> list[str]:
     """CLI overrides of a noise setting ``TYPE:RATE`` or ``none``, e.g. ``symmetric:0.4``."""
     noise_type, _, rate = setting.partition(":")
     if noise_type == "none":
@@ -59,10 +59,7 @@ def noise_overrides(setting: str) -> list[str]:
         raise ValueError(f"the rate of noise setting {setting!r} must be a number, got {rate!r}") from None
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"the rate of noise setting {setting!r} must be in [0, 1], got {value}")
-    overrides = [f"--data.init_args.noise_type={noise_type}", f"--data.init_args.noise_rate={value}"]
-    if noise_type == "asymmetric":
-        overrides.append(f"--data.init_args.class_map={ASYMMETRIC_CLASS_MAP}")
-    return overrides
+    return common.noise_overrides(noise_type, value)
 
 
 def recovery_cell(results: Sequence[RunResult]) -> str:
@@ -124,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     try:
-        noise = {setting: noise_overrides(setting) for setting in args.noise}
+        noise = {setting: parse_noise_setting(setting) for setting in args.noise}
     except ValueError as err:
         parser.error(str(err))
 
