@@ -363,26 +363,21 @@ class MNIST1DDataModule(NoisyDataModule):
     def num_classes(self) -> int:
         return 10
 
-    def _arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _split(self, test: bool) -> tuple[Tensor, Tensor]:
+        """``(x [N, 1, 40] float32, y [N] int64)`` of the train or test split (only that split is converted)."""
         x, y, x_test, y_test = _generate_mnist1d(self.num_samples, self.train_split, self.data_seed)
-        as_input = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(1)  # noqa: E731
-        return (
-            as_input(x),
-            torch.tensor(y, dtype=torch.int64),
-            as_input(x_test),
-            torch.tensor(y_test, dtype=torch.int64),
-        )
+        x, y = (x_test, y_test) if test else (x, y)
+        return torch.tensor(x, dtype=torch.float32).unsqueeze(1), torch.tensor(y, dtype=torch.int64)
 
     @override
     def _load_train(self) -> tuple[Dataset, Dataset, Tensor]:
-        x, y, _, _ = self._arrays()
+        x, y = self._split(test=False)
         train = TensorPairDataset(x, y)
         return train, train, y
 
     @override
     def _load_test(self) -> Dataset:
-        _, _, x_test, y_test = self._arrays()
-        return TensorPairDataset(x_test, y_test)
+        return TensorPairDataset(*self._split(test=True))
 
 
 # ====================================================================== scikit-learn digits
