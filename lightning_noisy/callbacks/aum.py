@@ -1,0 +1,332 @@
+"""AUMCallback: area under the margin (Pleiss et al., NeurIPS 2020) with threshold samples, on any classifier."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels, log_histogram
+from lightning_noisy.metrics.selection import selection_scores
+from lightning_noisy.state import SampleBuffer, SampleRecorder, StepContext
+
+#: columns of the ``aum`` package's ``aum_values.csv`` (sorted by ``aum``, largest first)
+AUM_CSV_COLUMNS = ("sample_id", "aum")
+#: columns of the per-run flag file that :func:`combine_aum_runs` reads
+FLAG_CSV_COLUMNS = ("sample_id", "aum", "threshold_sample", "flagged")
+
+
+def margins(logits: Tensor, assigned: Tensor) -> Tensor:
+    """Margin ``z[assigned] - max_{k != assigned} z[k]`` of pre-softmax ``logits [B, K]``: ``[B]`` float32."""
+    logits = logits.detach().float()
+    assigned = assigned.view(-1, 1)
+    assigned_logit = logits.gather(1, assigned).squeeze(1)
+    largest_other = logits.scatter(1, assigned, float("-inf")).amax(1)
+    return assigned_logit - largest_other
+
+
+def threshold_sample_mask(
+    num_samples: int, num_classes: int, run: int = 0, seed: int = 0, fraction: float | None = None
+) -> Tensor:
+    """``[N]`` bool: the threshold samples of run ``run``; the runs of one ``seed`` draw disjoint sets.
+
+    A random permutation of the samples (fixed by ``seed``) is cut into consecutive blocks of
+    ``floor(fraction * N)`` samples, ``fraction = 1 / (C + 1)`` by default (Pleiss et al. 2020, Sec. 3);
+    run ``r`` takes block ``r``. So ``C + 1`` runs at most, and together they cover every sample once
+    when ``fraction = 1 / (C + 1)``.
+    """
+    fraction = 1.0 / (num_classes + 1) if fraction is None else float(fraction)
+    if not 0 < fraction < 1:
+        raise ValueError(f"threshold_fraction must be in (0, 1), got {fraction}")
+    size = int(fraction * num_samples)
+    if size < 1:
+        raise ValueError(f"threshold_fraction={fraction} of {num_samples} samples leaves no threshold sample")
+    if not 0 <= run < num_samples // size:
+        raise ValueError(f"threshold_run must be in [0, {num_samples // size}) for this fraction, got {run}")
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros(num_samples, dtype=torch.bool)
+    mask[order[run * size : (run + 1) * size]] = True
+    return mask
+
+
+def aum_threshold(threshold_aum: Tensor, percentile: float) -> float:
+    """The ``percentile``-th percentile (linear interpolation, as ``numpy.percentile``) of the threshold AUMs."""
+    if threshold_aum.numel() == 0:
+        raise ValueError("no threshold sample has an AUM yet")
+    return float(torch.quantile(threshold_aum.double(), percentile / 100.0))
+
+
+def combine_aum_runs(flagged: Sequence[Tensor], threshold_masks: Sequence[Tensor]) -> Tensor:
+    """Samples to remove after several AUM runs: ``[N]`` bool.
+
+    A sample is removed when it was flagged in every run where it was not a threshold sample (and it
+    was an ordinary sample in at least one run), the two-run rule of Pleiss et al. 2020, Sec. 3.
+    """
+    if len(flagged) != len(threshold_masks) or not flagged:
+        raise ValueError(f"expected one threshold mask per run, got {len(flagged)} flag sets and {len(threshold_masks)} masks")
+    shape = flagged[0].shape
+    if any(f.shape != shape or m.shape != shape or f.dtype != torch.bool or m.dtype != torch.bool
+           for f, m in zip(flagged, threshold_masks)):
+        raise ValueError("every flag set and threshold mask must be a bool tensor of the same shape [N]")
+    ordinary = torch.stack([~m for m in threshold_masks])
+    flags = torch.stack(list(flagged))
+    return ordinary.any(0) & (flags | ~ordinary).all(0)
+
+
+def read_flag_file(path: str | Path) -> tuple[Tensor, Tensor, Tensor]:
+    """``(sample_id [N], threshold_sample [N] bool, flagged [N] bool)`` of a file written by :meth:`AUMCallback.save_flags`."""
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if tuple(reader.fieldnames or ()) != FLAG_CSV_COLUMNS:
+            raise ValueError(f"{path}: expected the columns {FLAG_CSV_COLUMNS}, got {reader.fieldnames}")
+        rows = sorted(reader, key=lambda row: int(row["sample_id"]))
+    ids = torch.tensor([int(r["sample_id"]) for r in rows], dtype=torch.long)
+    threshold = torch.tensor([r["threshold_sample"] == "1" for r in rows])
+    flagged = torch.tensor([r["flagged"] == "1" for r in rows])
+    return ids, threshold, flagged
+
+
+class AUMCallback(SampleStateCallback):
+    """Area under the margin of every training sample, and the samples it flags as mislabelled.
+
+    At every training step the margin of each sample is recorded: its assigned logit minus the largest
+    other logit, before the softmax. A sample's AUM is the mean of its margins from ``start_epoch`` on.
+    A random ``1 / (C + 1)`` share of the samples, the threshold samples, are relabelled to an extra
+    class ``C`` (the model needs ``C + 1`` outputs), so their labels are certainly wrong; samples whose AUM
+    is below the ``percentile``-th percentile of the threshold samples' AUMs are flagged.
+
+    Each epoch it logs ``aum/threshold`` and ``aum/flagged_fraction``, with the clean labels the
+    precision, recall, F1 and AUROC of the detection (``noisy/aum_*``), and a histogram of the AUMs.
+    Margins are recorded on each rank and merged once per epoch, so the values are identical on every
+    rank and equal to a single process's. The results: :attr:`aum`, :attr:`flagged`,
+    :meth:`save_csv` (the ``aum`` package's ``aum_values.csv`` columns) and :meth:`save_flags`; with
+    ``output_dir`` both are written when training ends.
+
+    Two runs with ``threshold_run=0`` and ``1`` (same ``threshold_seed``) use disjoint threshold sets;
+    :func:`combine_aum_runs` (or ``python -m lightning_noisy.aum_combine``) applies the two-run rule.
+
+    Args:
+        start_epoch: first epoch whose margins enter the AUM.
+        percentile: percentile of the threshold samples' AUMs below which a sample is flagged, in (0, 100).
+        threshold_samples: relabel threshold samples to class ``C``; without them nothing is flagged.
+        threshold_fraction: share of threshold samples (default ``1 / (C + 1)``).
+        threshold_run: which disjoint threshold set to use (0 for the first run, 1 for the second).
+        threshold_seed: seed of the threshold sets (the same for the runs to be combined).
+        output_dir: write ``aum_values.csv`` and ``aum_flags.csv`` there when training ends (rank 0).
+        histogram: write the AUM histogram to TensorBoard.
+        key: distinguishes two instances in one checkpoint.
+    """
+
+    def __init__(
+        self,
+        start_epoch: int = 0,
+        percentile: float = 99.0,
+        threshold_samples: bool = True,
+        threshold_fraction: float | None = None,
+        threshold_run: int = 0,
+        threshold_seed: int = 0,
+        output_dir: str | None = None,
+        histogram: bool = True,
+        key: str | None = None,
+    ) -> None:
+        super().__init__(key=key)
+        if int(start_epoch) < 0:
+            raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
+        if not 0 < float(percentile) < 100:
+            raise ValueError(f"percentile must be in (0, 100), got {percentile}")
+        if threshold_fraction is not None and not 0 < float(threshold_fraction) < 1:
+            raise ValueError(f"threshold_fraction must be in (0, 1), got {threshold_fraction}")
+        if int(threshold_run) < 0:
+            raise ValueError(f"threshold_run must be >= 0, got {threshold_run}")
+        self.start_epoch = int(start_epoch)
+        self.percentile = float(percentile)
+        self.use_threshold_samples = bool(threshold_samples)
+        self.threshold_fraction = threshold_fraction
+        self.threshold_run = int(threshold_run)
+        self.threshold_seed = int(threshold_seed)
+        self.output_dir = output_dir
+        self.histogram = histogram
+        self.threshold_mask: Tensor | None = None
+        self._device_mask: Tensor | None = None
+        self._recorder: SampleRecorder | None = None
+        self.margin_sum: SampleBuffer | None = None
+        self.margin_count: SampleBuffer | None = None
+        self._checked_outputs = False
+        self._output_check: RemovableHandle | None = None
+
+    @property
+    def num_outputs(self) -> int:
+        """Outputs the model must have: ``C + 1`` with threshold samples, else ``C``."""
+        assert self.training_labels is not None, "known once training starts"
+        return self.training_labels.num_classes + int(self.use_threshold_samples)
+
+    @override
+    def allocate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, labels: TrainingLabels) -> None:
+        declared = getattr(pl_module, "num_classes", None)
+        if isinstance(declared, int):
+            self._check_outputs(declared, labels.num_classes)
+        n = labels.num_samples
+        if self.use_threshold_samples:
+            run, seed, fraction = self.threshold_run, self.threshold_seed, self.threshold_fraction
+            self.threshold_mask = threshold_sample_mask(n, labels.num_classes, run, seed, fraction)
+        else:
+            self.threshold_mask = torch.zeros(n, dtype=torch.bool)
+        self._device_mask = None
+        self._recorder = SampleRecorder((), torch.float32)
+        self.margin_sum = SampleBuffer(n, (), torch.float64)
+        self.margin_count = SampleBuffer(n, (), torch.long)
+
+    def _check_outputs(self, outputs: int, num_classes: int) -> None:
+        expected = num_classes + int(self.use_threshold_samples)
+        if outputs != expected:
+            extra = " (C + 1: the threshold samples are relabelled to an extra class C)" if self.use_threshold_samples else ""
+            raise ValueError(
+                f"AUMCallback: the model must have {expected} outputs{extra} for C={num_classes} classes, "
+                f"got {outputs}; build it with num_classes={expected} or pass threshold_samples=False"
+            )
+        self._checked_outputs = True
+
+    def _check_first_output(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        # a forward hook for the first step: the check must come before the module's loss sees class C
+        if isinstance(output, Tensor) and output.ndim == 2 and self._output_check is not None:
+            self._output_check.remove()
+            self._output_check = None
+            assert self.training_labels is not None
+            self._check_outputs(int(output.shape[1]), self.training_labels.num_classes)
+
+    @override
+    def on_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:
+        if not self._checked_outputs and self._output_check is None:
+            self._output_check = pl_module.register_forward_hook(self._check_first_output)
+        if not self.use_threshold_samples:
+            return
+        assert self.threshold_mask is not None and self.training_labels is not None and self.contract is not None
+        targets = context.targets
+        if self._device_mask is None or self._device_mask.device != targets.device:
+            self._device_mask = self.threshold_mask.to(targets.device)
+        is_threshold = self._device_mask[context.index.to(targets.device)]
+        extra_class = torch.full_like(targets, self.training_labels.num_classes)
+        self.contract.set_targets(torch.where(is_threshold, extra_class, targets))
+
+    @override
+    def on_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:
+        assert context.logits is not None and self._recorder is not None and self.training_labels is not None
+        self._remove_output_check()
+        if not self._checked_outputs:
+            self._check_outputs(int(context.logits.shape[1]), self.training_labels.num_classes)
+        if trainer.current_epoch < self.start_epoch:
+            return
+        assigned = context.batch[1]  # the noisy label, or class C for a threshold sample
+        self._recorder.add(context.index, margins(context.logits, assigned))
+
+    @override
+    def on_epoch_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self._recorder is not None and self.margin_sum is not None and self.margin_count is not None
+        index, total, counts = self._recorder.gather(trainer.strategy.root_device, reduction="sum")
+        if index.numel() == 0:
+            return
+        self.margin_sum.write(index, total.double(), mode="add")
+        self.margin_count.write(index, counts, mode="add")
+        metrics: dict[str, Tensor] = {}
+        seen = self.margin_count.values > 0
+        aum = self.aum
+        if self.use_threshold_samples:
+            threshold = self.threshold
+            metrics["aum/threshold"] = torch.tensor(threshold)
+            metrics["aum/flagged_fraction"] = self.flagged[seen].float().mean()
+            labels = self.training_labels
+            ordinary = seen & ~self.threshold_mask
+            if labels is not None and labels.clean is not None and bool(ordinary.any()):
+                is_clean = (labels.noisy == labels.clean)[ordinary]
+                scores = selection_scores(aum[ordinary].float(), ~self.flagged[ordinary], is_clean, positive="noisy")
+                metrics.update({f"noisy/aum_{name}": value for name, value in scores.items()})
+        self.log_epoch_metrics(pl_module, metrics)
+        if self.histogram:
+            log_histogram(trainer, "aum/values", aum[seen])
+
+    def _remove_output_check(self) -> None:
+        if self._output_check is not None:
+            self._output_check.remove()
+            self._output_check = None
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_output_check()
+        super().on_exception(trainer, pl_module, exception)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.output_dir is not None and self.margin_count is not None and bool(self.margin_count.visited.any()):
+            self._write_outputs(Path(self.output_dir))
+
+    @rank_zero_only
+    def _write_outputs(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.save_csv(directory / "aum_values.csv")
+        if self.use_threshold_samples:
+            self.save_flags(directory / "aum_flags.csv")
+
+    # -- results -------------------------------------------------------------------------------
+    def _require_values(self) -> tuple[SampleBuffer, SampleBuffer]:
+        if self.margin_sum is None or self.margin_count is None:
+            raise RuntimeError("AUMCallback has no margins yet: fit a model with it first")
+        return self.margin_sum, self.margin_count
+
+    @property
+    def aum(self) -> Tensor:
+        """``[N]`` float64 AUM of every sample (NaN for a sample with no recorded margin)."""
+        total, count = self._require_values()
+        return total.values / count.values.to(torch.float64)
+
+    @property
+    def threshold(self) -> float:
+        """The AUM below which a sample is flagged: a percentile of the threshold samples' AUMs."""
+        _, count = self._require_values()
+        assert self.threshold_mask is not None
+        if not self.use_threshold_samples:
+            raise RuntimeError("AUMCallback(threshold_samples=False) has no threshold")
+        return aum_threshold(self.aum[self.threshold_mask & (count.values > 0)], self.percentile)
+
+    @property
+    def flagged(self) -> Tensor:
+        """``[N]`` bool: ordinary samples whose AUM is below :attr:`threshold` (threshold samples never are)."""
+        _, count = self._require_values()
+        assert self.threshold_mask is not None
+        return (self.aum < self.threshold) & ~self.threshold_mask & (count.values > 0)
+
+    def save_csv(self, path: str | Path) -> None:
+        """Write ``sample_id,aum`` for every sample seen, largest AUM first, as the ``aum`` package does."""
+        _, count = self._require_values()
+        ids = torch.nonzero(count.values > 0).squeeze(1)
+        values = self.aum[ids]
+        order = torch.sort(values, descending=True, stable=True).indices
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(AUM_CSV_COLUMNS)
+            writer.writerows((int(ids[i]), repr(float(values[i]))) for i in order)
+
+    def save_flags(self, path: str | Path) -> None:
+        """Write ``sample_id,aum,threshold_sample,flagged`` for every sample seen (input of the two-run rule)."""
+        _, count = self._require_values()
+        assert self.threshold_mask is not None
+        aum, flagged = self.aum, self.flagged
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(FLAG_CSV_COLUMNS)
+            for i in torch.nonzero(count.values > 0).squeeze(1).tolist():
+                writer.writerow((i, repr(float(aum[i])), int(self.threshold_mask[i]), int(flagged[i])))
+
+    # -- checkpointing -------------------------------------------------------------------------
+    @override
+    def sample_buffers(self) -> dict[str, SampleBuffer]:
+        if self.margin_sum is None or self.margin_count is None:
+            return {}
+        return {"margin_sum": self.margin_sum, "margin_count": self.margin_count}
