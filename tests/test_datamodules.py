@@ -356,3 +356,32 @@ def test_image_csv_bad_args(image_root: Path) -> None:
         ImageFolderCSVDataModule(root, "bad.csv")
     with pytest.raises(ValueError, match="root must be an existing directory, got '/no/such/dir'"):
         ImageFolderCSVDataModule("/no/such/dir", "train.csv")
+
+
+def test_exclude_file_leaves_out_exactly_the_listed_samples(tmp_path: Path) -> None:
+    excluded = torch.tensor([0, 5, 399, 17])
+    torch.save(excluded, tmp_path / "removed.pt")
+    dm = fit_setup(MNIST1DDataModule(**SMALL, noise_rate=0.2, exclude_file=str(tmp_path / "removed.pt")))
+    seen = torch.cat([index for _, _, index in dm.train_dataloader()])
+    assert sorted(seen.tolist()) == sorted(set(range(400)) - set(excluded.tolist()))
+    assert dm.noisy_labels.shape == (400,)  # indices keep their meaning for per-sample callbacks
+    for x, y, index in dm.train_dataloader():
+        assert torch.equal(y, dm.noisy_labels[index])
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (torch.tensor([0.5, 1.0]), "must hold a 1-D integer tensor"),
+        (torch.tensor([3, 400]), r"indices must be in \[0, 400\), got \[3, 400\]"),
+        (torch.arange(400), "leaves out every one of the 400 training samples"),
+    ],
+)
+def test_bad_exclude_file_is_rejected(tmp_path: Path, content: torch.Tensor, message: str) -> None:
+    torch.save(content, tmp_path / "removed.pt")
+    dm = MNIST1DDataModule(**SMALL, exclude_file=str(tmp_path / "removed.pt"))
+    with pytest.raises(ValueError, match=message):
+        fit_setup(dm)
+    assert dm._train is None and dm._noise is None  # nothing half set up
+    with pytest.raises(ValueError, match="exclude_file must be an existing file"):
+        MNIST1DDataModule(**SMALL, exclude_file=str(tmp_path / "missing.pt"))

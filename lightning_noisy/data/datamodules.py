@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
 from lightning_noisy.data import noise
@@ -80,6 +80,21 @@ def _check_file(value: Any, name: str) -> Path:
     return Path(value)
 
 
+def _exclude(train: NoisyLabelDataset, path: str) -> Dataset:
+    """``train`` without the samples whose indices the ``.pt`` file at ``path`` lists."""
+    excluded = torch.load(path, map_location="cpu", weights_only=True)
+    n = len(train)
+    if not isinstance(excluded, Tensor) or excluded.ndim != 1 or excluded.is_floating_point() or excluded.is_complex():
+        raise ValueError(f"exclude_file {path} must hold a 1-D integer tensor of sample indices, got {excluded!r:.80}")
+    if excluded.numel() and (int(excluded.min()) < 0 or int(excluded.max()) >= n):
+        raise ValueError(f"exclude_file {path}: indices must be in [0, {n}), got [{int(excluded.min())}, {int(excluded.max())}]")
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[excluded.long()] = False
+    if not bool(keep.any()):
+        raise ValueError(f"exclude_file {path} leaves out every one of the {n} training samples")
+    return Subset(train, torch.nonzero(keep).squeeze(1).tolist())
+
+
 class NoisyDataModule(LightningDataModule, ABC):
     """Base DataModule: builds the noisy training set in ``setup("fit")`` with :func:`make_noisy_labels`.
 
@@ -102,6 +117,9 @@ class NoisyDataModule(LightningDataModule, ABC):
         save_noisy_labels: write the generated labels to this ``.pt`` file (rank 0) for exact reproduction.
         return_index: training batches are ``(x, y, index)``; ``False`` gives ``(x, y)``.
         drop_last: drop the last incomplete training batch.
+        exclude_file: a ``.pt`` file holding a ``[R]`` int tensor of training-sample indices to leave out
+            of training (e.g. the samples AUM removed); the indices keep their meaning, so per-sample
+            callbacks still see ``[0, N)`` and simply never visit the excluded samples.
     """
 
     #: noise types this data set can produce
@@ -129,6 +147,7 @@ class NoisyDataModule(LightningDataModule, ABC):
         save_noisy_labels: str | None = None,
         return_index: bool = True,
         drop_last: bool = False,
+        exclude_file: str | None = None,
     ) -> None:
         super().__init__()
         self.batch_size = _check_int(batch_size, "batch_size", 1)
@@ -144,9 +163,11 @@ class NoisyDataModule(LightningDataModule, ABC):
         self.noise_file = self._check_noise_file(noise_file)
         self.noise_label_key = self._check_label_key(noise_label_key)
         self.save_noisy_labels = self._check_save_path(save_noisy_labels)
+        self.exclude_file = None if exclude_file is None else str(_check_file(exclude_file, "exclude_file"))
         self.save_hyperparameters()
         self._noise: NoisyLabels | None = None
         self._train: NoisyLabelDataset | None = None
+        self._train_kept: Dataset | None = None
         self._train_eval: NoisyLabelDataset | None = None
         self._test: Dataset | None = None
 
@@ -231,10 +252,12 @@ class NoisyDataModule(LightningDataModule, ABC):
     def _setup_train(self) -> None:
         train, train_eval, labels = self._load_train()
         noisy = self._make_noise(train, labels)
+        n_cls = self.num_classes
+        train_set = NoisyLabelDataset(train, noisy.labels, noisy.clean_labels, n_cls, self.return_index)
+        kept = train_set if self.exclude_file is None else _exclude(train_set, self.exclude_file)
         if self.save_noisy_labels is not None:
             self._write_noise(noisy)
-        n_cls = self.num_classes
-        self._train = NoisyLabelDataset(train, noisy.labels, noisy.clean_labels, n_cls, self.return_index)
+        self._train, self._train_kept = train_set, kept
         self._train_eval = NoisyLabelDataset(train_eval, noisy.labels, noisy.clean_labels, n_cls)
         self._noise = noisy
 
@@ -268,8 +291,12 @@ class NoisyDataModule(LightningDataModule, ABC):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        """Shuffled ``(x [B, ...], noisy_y [B], index [B])`` batches (``(x, y)`` when ``return_index=False``)."""
-        return self._loader(self._require_fit()[0], shuffle=True, drop_last=self.drop_last)
+        """Shuffled ``(x [B, ...], noisy_y [B], index [B])`` batches (``(x, y)`` when ``return_index=False``).
+
+        Samples listed in ``exclude_file`` are left out.
+        """
+        self._require_fit()
+        return self._loader(self._train_kept, shuffle=True, drop_last=self.drop_last)
 
     def train_eval_dataloader(self) -> DataLoader:
         """The training set in order, with evaluation transforms: ``(x [B, ...], noisy_y [B], index [B])``."""
