@@ -1,6 +1,8 @@
 """lightning-noisy: learning with noisy labels as a PyTorch Lightning plugin suite."""
 
 from lightning_noisy.callbacks import (
+    AUMCallback,
+    CurriculumCallback,
     ForwardCorrectionCallback,
     LabelCorrectionCallback,
     NoisyLabelMonitor,
@@ -23,8 +25,10 @@ from lightning_noisy.models import build_backbone
 __version__ = "0.1.0"
 
 __all__ = [
+    "AUMCallback",
     "CIFARDataModule",
     "CleanSelectionMetrics",
+    "CurriculumCallback",
     "DigitsDataModule",
     "ForwardCorrectionCallback",
     "ImageFolderCSVDataModule",
