@@ -18,7 +18,7 @@ from lightning_noisy.data import (
     NoisyLabels,
     make_noisy_labels,
 )
-from lightning_noisy.methods import JointOptimization, NoisyClassifier
+from lightning_noisy.methods import CoTeaching, JointOptimization, NoisyClassifier
 from lightning_noisy.metrics import CleanSelectionMetrics, RecoveryAccuracy
 from lightning_noisy.models import build_backbone
 
@@ -28,6 +28,7 @@ __all__ = [
     "AUMCallback",
     "CIFARDataModule",
     "CleanSelectionMetrics",
+    "CoTeaching",
     "CurriculumCallback",
     "DigitsDataModule",
     "ForwardCorrectionCallback",

@@ -110,6 +110,12 @@ class BatchContract:
         contract._logits_required |= require_logits
         return contract
 
+    @classmethod
+    def current_index(cls, module: pl.LightningModule) -> Tensor | None:
+        """``[B]`` sample indices of the running training batch, if a callback took them out; else ``None``."""
+        contract = getattr(module, cls._ATTRIBUTE, None)
+        return None if contract is None or contract.context is None else contract.context.index
+
     def release(self, owner: object) -> None:
         """Unregister ``owner``; the last user restores the module's own ``training_step``."""
         self._owners.discard(id(owner))
