@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_noisy.aum_combine import main as combine
 from lightning_noisy.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -53,3 +55,32 @@ def test_bad_config_value_is_reported_before_training(tmp_path: Path) -> None:
         main(["fit", "--config", str(CONFIGS / "mnist1d_ce.yaml"), "--data.init_args.noise_rate=1.5",
               f"--trainer.default_root_dir={tmp_path}"])
     assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_aum_two_run_procedure_and_retraining_from_the_command_line(tmp_path: Path) -> None:
+    for run in (0, 1):
+        main([
+            "fit", "--config", str(CONFIGS / "mnist1d_aum.yaml"), *TINY, "--trainer.max_epochs=2",
+            f"--trainer.callbacks.init_args.threshold_run={run}",
+            f"--trainer.callbacks.init_args.output_dir={tmp_path / f'run{run}'}",
+            f"--trainer.default_root_dir={tmp_path / f'logs{run}'}",
+        ])
+    assert {"aum/threshold", "aum/flagged_fraction", "noisy/aum_f1", "aum/values"} <= logged_tags(tmp_path / "logs0")
+    flags = [str(tmp_path / f"run{run}" / "aum_flags.csv") for run in (0, 1)]
+    combine([*flags, "--out", str(tmp_path / "removed.pt")])
+    removed = torch.load(tmp_path / "removed.pt")
+    main([
+        "fit", "--config", str(CONFIGS / "mnist1d_ce.yaml"), *TINY, f"--data.init_args.exclude_file={tmp_path / 'removed.pt'}",
+        "--trainer.callbacks=[]", f"--trainer.default_root_dir={tmp_path / 'retrain'}",
+    ])
+    assert removed.ndim == 1 and (tmp_path / "retrain" / "lightning_logs" / "version_0").exists()
+
+
+@pytest.mark.parametrize("config", ["mnist1d_coteaching.yaml", "mnist1d_curriculum.yaml"])
+def test_sample_selection_configs_run(tmp_path: Path, config: str) -> None:
+    extra = ["--trainer.callbacks.init_args.curriculum_epoch=0", "--trainer.callbacks.init_args.stage_epochs=[1, 2]"]
+    main(["fit", "--config", str(CONFIGS / config), *TINY, "--trainer.max_epochs=3",
+          *(extra if "curriculum" in config else []), f"--trainer.default_root_dir={tmp_path}"])
+    tags = logged_tags(tmp_path)
+    assert "test/acc" in tags
+    assert ("curriculum/active_fraction" if "curriculum" in config else "noisy/pure_ratio") in tags
