@@ -13,6 +13,7 @@ its ratio to ``plain``.
 
     .venv/bin/python benchmarks/overhead.py                       # 50,000 samples: 40,000 for training
     .venv/bin/python benchmarks/overhead.py --num-samples 5000 --epochs 2 --repeats 1   # a quick check
+    .venv/bin/python benchmarks/overhead.py --variants AUMCallback "aum package (AUMCalculator)"
 """
 
 from __future__ import annotations
@@ -23,24 +24,49 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_noisy.callbacks import LabelCorrectionCallback, NoisyLabelMonitor
+from lightning_noisy.callbacks import AUMCallback, LabelCorrectionCallback, NoisyLabelMonitor
 from lightning_noisy.data import MNIST1DDataModule
 from lightning_noisy.methods import NoisyClassifier
 
 from common import markdown_table
 
 PLAIN = "plain"
-# the configurations compared, in the order they take turns; each builds fresh callbacks
-VARIANTS: dict[str, Callable[[], list[Callback]]] = {
-    PLAIN: lambda: [],
-    "LabelCorrectionCallback": lambda: [LabelCorrectionCallback(update="soft", start_epoch=0, num_average_epochs=10)],
-    "NoisyLabelMonitor": lambda: [NoisyLabelMonitor()],
+PLAIN_AUM = "plain (C+1 outputs)"
+
+
+class AUMPackageCallback(Callback):
+    """The ``aum`` package's ``AUMCalculator.update`` at every training step, as its README wires it."""
+
+    def __init__(self) -> None:
+        from aum import AUMCalculator
+
+        self.calculator = AUMCalculator(save_dir="unused")
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        _, targets, index = batch
+        self.calculator.update(outputs["logits"].detach(), targets, index.tolist())
+
+
+# the configurations compared, in the order they take turns: (fresh callbacks, number of outputs, baseline)
+VARIANTS: dict[str, tuple[Callable[[], list[Callback]], int, str]] = {
+    PLAIN: (lambda: [], 10, PLAIN),
+    "LabelCorrectionCallback": (
+        lambda: [LabelCorrectionCallback(update="soft", start_epoch=0, num_average_epochs=10)], 10, PLAIN
+    ),
+    "NoisyLabelMonitor": (lambda: [NoisyLabelMonitor()], 10, PLAIN),
+    PLAIN_AUM: (lambda: [], 11, PLAIN_AUM),
+    "AUMCallback": (lambda: [AUMCallback(histogram=False)], 11, PLAIN_AUM),
+    "aum package (AUMCalculator)": (lambda: [AUMPackageCallback()], 11, PLAIN_AUM),
 }
 
 
@@ -70,13 +96,15 @@ class EpochTimer(Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def time_epochs(callbacks: list[Callback], num_samples: int, epochs: int, seed: int = 0) -> tuple[list[float], int]:
+def time_epochs(
+    callbacks: list[Callback], num_samples: int, epochs: int, num_outputs: int = 10, seed: int = 0
+) -> tuple[list[float], int]:
     """Seconds of each training epoch after the first, for one fit with ``callbacks``; and the training set size."""
     pl.seed_everything(seed, verbose=False)
     datamodule = MNIST1DDataModule(
         num_samples=num_samples, train_split=0.8, noise_type="symmetric", noise_rate=0.4, noise_seed=seed
     )
-    model = NoisyClassifier(backbone="cnn1d", num_classes=10, optimizer="sgd", lr=0.1)
+    model = NoisyClassifier(backbone="cnn1d", num_classes=num_outputs, optimizer="sgd", lr=0.1)
     timer = EpochTimer()
     trainer = pl.Trainer(
         max_epochs=epochs,
@@ -100,7 +128,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=4, help="epochs per fit; the first is not timed")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of fits, each configuration once per round")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="configurations to time (each with its baseline)")
     args = parser.parse_args(argv)
+    chosen = {name: VARIANTS[name] for name in VARIANTS
+              if name in args.variants or name in {VARIANTS[v][2] for v in args.variants}}
     if args.epochs < 2:
         parser.error(f"--epochs must be >= 2 (the first epoch is a warm-up), got {args.epochs}")
     if args.repeats < 1:
@@ -113,11 +145,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     # the data set is in memory: worker processes would only add their own overhead to both sides
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name in chosen}
     num_train = 0
     for round_ in range(args.repeats):
-        for name, make_callbacks in VARIANTS.items():
-            epoch_times, num_train = time_epochs(make_callbacks(), args.num_samples, args.epochs)
+        for name, (make_callbacks, num_outputs, _) in chosen.items():
+            epoch_times, num_train = time_epochs(make_callbacks(), args.num_samples, args.epochs, num_outputs)
             times[name] += epoch_times
             print(f"round {round_ + 1}/{args.repeats} {name}: " + ", ".join(f"{t:.2f}" for t in epoch_times) + " s")
 
@@ -125,12 +157,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"\nMNIST-1D, {num_train} training samples, {args.epochs} epochs per fit (first not timed),"
         f" {args.repeats} round(s); torch {torch.__version__}, {torch.get_num_threads()} thread(s)\n"
     )
-    plain = statistics.median(times[PLAIN])
     rows = []
     for name, values in times.items():
-        median = statistics.median(values)
-        rows.append([name, len(values), f"{median:.3f}", "—" if name == PLAIN else f"{median / plain:.3f}"])
-    print(markdown_table(["configuration", "epochs timed", "median s/epoch", "ratio to plain"], rows))
+        median, baseline = statistics.median(values), VARIANTS[name][2]
+        ratio = "—" if name == baseline else f"{median / statistics.median(times[baseline]):.3f}"
+        rows.append([name, len(values), f"{median:.3f}", baseline, ratio])
+    print(markdown_table(["configuration", "epochs timed", "median s/epoch", "baseline", "ratio"], rows))
 
 
 if __name__ == "__main__":
