@@ -27,9 +27,9 @@ FLAG_CSV_COLUMNS = ("sample_id", "aum", "threshold_sample", "flagged")
 def margins(logits: Tensor, assigned: Tensor) -> Tensor:
     """Margin ``z[assigned] - max_{k != assigned} z[k]`` of pre-softmax ``logits [B, K]``: ``[B]`` float32."""
     logits = logits.detach().float()
-    assigned = assigned.view(-1, 1)
-    assigned_logit = logits.gather(1, assigned).squeeze(1)
-    largest_other = logits.scatter(1, assigned, float("-inf")).amax(1)
+    assigned_logit = logits.gather(1, assigned.view(-1, 1)).squeeze(1)
+    top2 = logits.topk(2, dim=1)  # the largest other logit is the top one unless that is the assigned class
+    largest_other = torch.where(top2.indices[:, 0] == assigned, top2.values[:, 1], top2.values[:, 0])
     return assigned_logit - largest_other
 
 
@@ -155,7 +155,8 @@ class AUMCallback(SampleStateCallback):
         self.output_dir = output_dir
         self.histogram = histogram
         self.threshold_mask: Tensor | None = None
-        self._device_mask: Tensor | None = None
+        self._assigned: Tensor | None = None  # [N] the given label, or class C for a threshold sample
+        self._device_assigned: Tensor | None = None
         self._recorder: SampleRecorder | None = None
         self.margin_sum: SampleBuffer | None = None
         self.margin_count: SampleBuffer | None = None
@@ -179,7 +180,8 @@ class AUMCallback(SampleStateCallback):
             self.threshold_mask = threshold_sample_mask(n, labels.num_classes, run, seed, fraction)
         else:
             self.threshold_mask = torch.zeros(n, dtype=torch.bool)
-        self._device_mask = None
+        self._assigned = torch.where(self.threshold_mask, labels.num_classes, labels.noisy)
+        self._device_assigned = None
         self._recorder = SampleRecorder((), torch.float32)
         self.margin_sum = SampleBuffer(n, (), torch.float64)
         self.margin_count = SampleBuffer(n, (), torch.long)
@@ -208,13 +210,11 @@ class AUMCallback(SampleStateCallback):
             self._output_check = pl_module.register_forward_hook(self._check_first_output)
         if not self.use_threshold_samples:
             return
-        assert self.threshold_mask is not None and self.training_labels is not None and self.contract is not None
-        targets = context.targets
-        if self._device_mask is None or self._device_mask.device != targets.device:
-            self._device_mask = self.threshold_mask.to(targets.device)
-        is_threshold = self._device_mask[context.index.to(targets.device)]
-        extra_class = torch.full_like(targets, self.training_labels.num_classes)
-        self.contract.set_targets(torch.where(is_threshold, extra_class, targets))
+        assert self._assigned is not None and self.contract is not None
+        device = context.index.device
+        if self._device_assigned is None or self._device_assigned.device != device:
+            self._device_assigned = self._assigned.to(device)
+        self.contract.set_targets(self._device_assigned[context.index])
 
     @override
     def on_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:
@@ -239,14 +239,16 @@ class AUMCallback(SampleStateCallback):
         seen = self.margin_count.values > 0
         aum = self.aum
         if self.use_threshold_samples:
-            threshold = self.threshold
+            assert self.threshold_mask is not None
+            threshold = aum_threshold(aum[self.threshold_mask & seen], self.percentile)
+            flagged = (aum < threshold) & ~self.threshold_mask & seen
             metrics["aum/threshold"] = torch.tensor(threshold)
-            metrics["aum/flagged_fraction"] = self.flagged[seen].float().mean()
+            metrics["aum/flagged_fraction"] = flagged[seen].float().mean()
             labels = self.training_labels
             ordinary = seen & ~self.threshold_mask
             if labels is not None and labels.clean is not None and bool(ordinary.any()):
                 is_clean = (labels.noisy == labels.clean)[ordinary]
-                scores = selection_scores(aum[ordinary].float(), ~self.flagged[ordinary], is_clean, positive="noisy")
+                scores = selection_scores(aum[ordinary].float(), ~flagged[ordinary], is_clean, positive="noisy")
                 metrics.update({f"noisy/aum_{name}": value for name, value in scores.items()})
         self.log_epoch_metrics(pl_module, metrics)
         if self.histogram:
