@@ -1,0 +1,358 @@
+"""DivideMix's co-divide (Li, Socher, Hoi, ICLR 2020): a two-component GMM on the per-sample losses.
+
+Clean samples are learnt first, so early in training their cross-entropy is low. DivideMix fits a
+two-component Gaussian mixture to the (min-max normalised) per-sample losses of the whole training set
+and takes the posterior of the low-mean component as each sample's probability of being clean; the
+samples with probability above ``p_threshold`` form the labelled set, the others the unlabelled set.
+
+:func:`clean_probability` is the pure function; :class:`CoDivideCallback` runs the loss pass over the
+training set at each epoch boundary (sharded over the DDP ranks and gathered, so every rank has the
+same division) and exposes the division to a module (e.g. DivideMix's, which calls :meth:`divide`
+for each of its two networks) or to the user.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_noisy.callbacks.base import (
+    SampleStateCallback,
+    TrainingLabels,
+    log_histogram,
+)
+from lightning_noisy.metrics.selection import selection_scores
+from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder
+
+ModelFn = Callable[[pl.LightningModule, Tensor], Tensor]
+
+
+def normalise_losses(losses: Tensor) -> Tensor:
+    """Min-max normalise ``losses [N]`` to ``[0, 1]`` (float32).
+
+    The minimum and maximum are taken over the finite values; non-finite values stay non-finite. When
+    all finite values are equal they map to 0.
+    """
+    if losses.ndim != 1:
+        raise ValueError(f"losses must be a 1-D tensor [N], got shape {tuple(losses.shape)}")
+    x = losses.detach().to(device="cpu", dtype=torch.float32)
+    finite = torch.isfinite(x)
+    if not bool(finite.any()):
+        return x.clone()
+    low, high = x[finite].min(), x[finite].max()
+    span = high - low
+    if float(span) <= 0:
+        return torch.where(finite, torch.zeros_like(x), x)
+    return (x - low) / span
+
+
+def clean_probability(
+    losses: Tensor,
+    max_iter: int = 10,
+    tol: float = 1e-2,
+    reg_covar: float = 5e-4,
+    seed: int = 0,
+) -> Tensor:
+    """Probability that each sample is clean: a 2-component GMM on the normalised losses (DivideMix).
+
+    scikit-learn's ``GaussianMixture(n_components=2, max_iter, tol, reg_covar, random_state=seed)`` is fit
+    to :func:`normalise_losses` of ``losses`` reshaped ``[N, 1]`` (DivideMix's settings are the defaults),
+    and the posterior of the component with the smaller mean is returned. Deterministic given ``seed``.
+
+    Degenerate input is answered with a :class:`UserWarning` and a fallback: non-finite losses get
+    probability 0; if the remaining finite losses are fewer than 2 or all equal, they all get 1.0
+    (nothing to split); otherwise the GMM is fit to the finite losses alone.
+
+    Args:
+        losses: ``[N]`` per-sample losses (lower = more likely clean).
+        max_iter, tol, reg_covar: the mixture's EM settings.
+        seed: ``random_state`` of the mixture.
+
+    Returns:
+        ``[N]`` float32 probabilities on the CPU.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    if not isinstance(losses, Tensor) or losses.ndim != 1:
+        got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(f"losses must be a 1-D tensor [N], got {got}")
+    x = losses.detach().to(device="cpu", dtype=torch.float64)
+    n = x.shape[0]
+    finite = torch.isfinite(x)
+    probability = torch.zeros(n, dtype=torch.float32)
+    problems = []
+    if not bool(finite.all()):
+        problems.append(f"{int((~finite).sum())} non-finite loss(es) get probability 0")
+    values = x[finite]
+    distinct = int(torch.unique(values).numel())
+    if distinct < 2:
+        problems.append(f"the {values.numel()} finite loss(es) have {distinct} distinct value(s), so all get probability 1")
+        warnings.warn(
+            f"clean_probability: degenerate losses (N={n}): " + "; ".join(problems), UserWarning, stacklevel=2
+        )
+        probability[finite] = 1.0
+        return probability
+    if problems:
+        warnings.warn(
+            f"clean_probability: degenerate losses (N={n}): " + "; ".join(problems)
+            + "; the mixture is fit to the finite losses",
+            UserWarning,
+            stacklevel=2,
+        )
+    data = normalise_losses(values).to(torch.float64).numpy().reshape(-1, 1)
+    gmm = GaussianMixture(n_components=2, max_iter=max_iter, tol=tol, reg_covar=reg_covar, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*did not converge.*")  # DivideMix caps EM at 10 iterations
+        gmm.fit(data)
+    posterior = gmm.predict_proba(data)[:, int(np.argmin(gmm.means_[:, 0]))]
+    probability[finite] = torch.from_numpy(np.asarray(posterior, dtype=np.float32))
+    return probability
+
+
+def default_logits(pl_module: pl.LightningModule, x: Tensor) -> Tensor:
+    """``pl_module(x)``: the module's logits."""
+    return pl_module(x)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class CoDivideCallback(SampleStateCallback):
+    """Divides the training set into a labelled (clean) and an unlabelled set with a loss GMM, each epoch.
+
+    From epoch ``start_epoch`` on, at each epoch boundary (after the last training batch, before
+    validation and checkpointing) the callback runs an eval-mode, no-gradient pass over the training set
+    (``trainer.datamodule.train_eval_dataloader()`` when the DataModule has it, else the training dataset
+    in order), rank ``r`` of ``W`` handling the batches ``batch_idx % W == r``; the per-sample
+    cross-entropy against the given (noisy) labels is gathered so every rank holds the same ``[N]``
+    losses. They are min-max normalised, averaged over the last ``num_average`` epochs (DivideMix does so
+    for CIFAR-100 and asymmetric noise), and :func:`clean_probability` gives :attr:`probability`;
+    :attr:`clean_mask` is ``probability > p_threshold``. The module's train/eval mode is restored.
+
+    The callback does not change training itself: a module reads :attr:`probability`,
+    :meth:`labelled_index` and :meth:`unlabelled_index` (or calls :meth:`divide` itself, e.g. once per
+    network with another ``model_fn``).
+
+    Logged each divided epoch: ``codivide/labelled_fraction``, a histogram ``codivide/probability`` and,
+    when the clean labels are known, ``noisy/codivide_auroc``, ``noisy/codivide_precision`` and
+    ``noisy/codivide_recall`` of the labelled set as a selection of the clean samples.
+
+    Attributes:
+        last_pass_seconds: wall time of the last loss pass (gather included).
+        last_gmm_seconds: wall time of the last mixture fit.
+        last_losses: ``[N]`` raw per-sample losses of the last pass.
+
+    Args:
+        start_epoch: first epoch at whose end the division runs (DivideMix: after warm-up), ``>= 0``.
+        p_threshold: clean-probability threshold in ``(0, 1)`` (DivideMix: 0.5).
+        num_average: number of past epochs whose normalised losses are averaged, ``>= 1``.
+        gmm_max_iter, gmm_tol, gmm_reg_covar: the mixture's EM settings (DivideMix: 10, 1e-2, 5e-4).
+        batch_size: batch size of the fallback loader (default: the training loader's, else 256).
+        model_fn: ``model_fn(pl_module, x) -> [B, C]`` logits; by default ``pl_module(x)``.
+        seed: ``random_state`` of the mixture.
+        key: distinguishes two instances in one checkpoint (e.g. one per network).
+    """
+
+    require_logits = False
+
+    def __init__(
+        self,
+        start_epoch: int = 0,
+        p_threshold: float = 0.5,
+        num_average: int = 1,
+        gmm_max_iter: int = 10,
+        gmm_tol: float = 1e-2,
+        gmm_reg_covar: float = 5e-4,
+        batch_size: int | None = None,
+        model_fn: ModelFn | None = None,
+        seed: int = 0,
+        key: str | None = None,
+    ) -> None:
+        super().__init__(key=key)
+        self.start_epoch = _check_int("start_epoch", start_epoch, 0)
+        if (
+            isinstance(p_threshold, bool)
+            or not isinstance(p_threshold, (int, float))
+            or not 0.0 < float(p_threshold) < 1.0
+        ):
+            raise ValueError(f"p_threshold must be a number in (0, 1), got {p_threshold!r}")
+        self.p_threshold = float(p_threshold)
+        self.num_average = _check_int("num_average", num_average, 1)
+        self.gmm_max_iter = _check_int("gmm_max_iter", gmm_max_iter, 1)
+        for name, value in (("gmm_tol", gmm_tol), ("gmm_reg_covar", gmm_reg_covar)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        self.gmm_tol = float(gmm_tol)
+        self.gmm_reg_covar = float(gmm_reg_covar)
+        if batch_size is not None:
+            _check_int("batch_size", batch_size, 1)
+        self.batch_size = batch_size
+        self.model_fn: ModelFn = model_fn if model_fn is not None else default_logits
+        self.seed = int(seed)
+        self._probability: SampleBuffer | None = None
+        self._history: SampleHistory | None = None
+        self.last_losses: Tensor | None = None
+        self.last_pass_seconds = 0.0
+        self.last_gmm_seconds = 0.0
+        self._warned_empty: set[str] = set()
+
+    # -- results --------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """Whether a division exists (computed or restored from a checkpoint)."""
+        return self._probability is not None and bool(self._probability.visited.all())
+
+    def _require(self) -> SampleBuffer:
+        if not self.ready:
+            raise RuntimeError(
+                "CoDivideCallback has no division yet: fit a model with it past start_epoch, or call divide()"
+            )
+        assert self._probability is not None
+        return self._probability
+
+    @property
+    def probability(self) -> Tensor:
+        """``[N]`` float32 clean probability of every training sample."""
+        return self._require().values
+
+    @property
+    def clean_mask(self) -> Tensor:
+        """``[N]`` bool: ``probability > p_threshold`` (the labelled set)."""
+        return self.probability > self.p_threshold
+
+    def labelled_index(self) -> Tensor:
+        """``[L]`` int64 indices of the labelled (probably clean) samples."""
+        return torch.nonzero(self.clean_mask).flatten()
+
+    def unlabelled_index(self) -> Tensor:
+        """``[N - L]`` int64 indices of the unlabelled (probably mislabelled) samples."""
+        return torch.nonzero(~self.clean_mask).flatten()
+
+    # -- the division ---------------------------------------------------------------------------
+    def _loader(self, trainer: pl.Trainer) -> DataLoader:
+        make = getattr(trainer.datamodule, "train_eval_dataloader", None)
+        if callable(make):
+            return make()
+        train_loader = trainer.train_dataloader
+        dataset = getattr(train_loader, "dataset", None)
+        if dataset is None:
+            raise ValueError(
+                "CoDivideCallback needs the training dataset (or a DataModule with train_eval_dataloader)"
+            )
+        batch_size = self.batch_size or getattr(train_loader, "batch_size", None) or 256
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+    def compute_losses(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model_fn: ModelFn | None = None) -> Tensor:
+        """``[N]`` float32 per-sample cross-entropy of the whole training set, identical on every rank.
+
+        A collective under DDP: call it on every rank. Sets :attr:`last_pass_seconds`.
+        """
+        if self.training_labels is None:
+            raise RuntimeError("CoDivideCallback: the training labels are unknown before the fit starts")
+        model_fn = model_fn if model_fn is not None else self.model_fn
+        start = time.perf_counter()
+        rank, world = trainer.global_rank, trainer.world_size
+        recorder = SampleRecorder((), torch.float32)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                for batch_idx, batch in enumerate(self._loader(trainer)):
+                    if batch_idx % world != rank:
+                        continue
+                    if not isinstance(batch, (list, tuple)) or len(batch) != 3:
+                        raise ValueError("CoDivideCallback's loss pass needs batches [input, target, index]")
+                    x = move_data_to_device(batch[0], pl_module.device)
+                    targets = batch[1].to(pl_module.device, torch.long)
+                    logits = model_fn(pl_module, x)
+                    losses = F.cross_entropy(logits.float(), targets, reduction="none")
+                    recorder.add(batch[2].to(torch.long), losses)
+        finally:
+            pl_module.train(was_training)
+        index, values, _ = recorder.gather(trainer.strategy.root_device, reduction="first")
+        n = self.training_labels.num_samples
+        if index.shape[0] != n:
+            raise RuntimeError(f"CoDivideCallback's loss pass covered {index.shape[0]} of {n} training samples")
+        losses = torch.empty(n, dtype=torch.float32)
+        losses[index] = values
+        self.last_pass_seconds = time.perf_counter() - start
+        return losses
+
+    def divide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model_fn: ModelFn | None = None) -> Tensor:
+        """Loss pass, loss averaging and mixture fit; stores and returns ``[N]`` float32 :attr:`probability`.
+
+        A collective under DDP: call it on every rank. Each call appends one epoch to the loss history.
+        """
+        if self._probability is None or self._history is None:
+            raise RuntimeError("CoDivideCallback.divide needs the training labels: call it once the fit has started")
+        losses = self.compute_losses(trainer, pl_module, model_fn)
+        self.last_losses = losses
+        everyone = torch.arange(losses.shape[0])
+        self._history.append(everyone, normalise_losses(losses))
+        averaged = self._history.mean() if self.num_average > 1 else normalise_losses(losses)
+        start = time.perf_counter()
+        probability = clean_probability(
+            averaged, max_iter=self.gmm_max_iter, tol=self.gmm_tol, reg_covar=self.gmm_reg_covar, seed=self.seed
+        )
+        self.last_gmm_seconds = time.perf_counter() - start
+        self._probability.write(everyone, probability)
+        return self._probability.values
+
+    # -- hooks ----------------------------------------------------------------------------------
+    @override
+    def allocate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, labels: TrainingLabels) -> None:
+        self._probability = SampleBuffer(labels.num_samples, (), torch.float32, fill=1.0)
+        self._history = SampleHistory(labels.num_samples, self.num_average, (), torch.float32)
+
+    @override
+    def on_epoch_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch < self.start_epoch:
+            return
+        self.divide(trainer, pl_module)
+        self._log(trainer, pl_module)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.training_labels is not None
+        probability, mask = self.probability, self.clean_mask
+        for name, empty in (("labelled", not bool(mask.any())), ("unlabelled", bool(mask.all()))):
+            if empty and name not in self._warned_empty:
+                self._warned_empty.add(name)
+                warnings.warn(
+                    f"CoDivideCallback: the {name} set is empty at epoch {trainer.current_epoch} "
+                    f"(p_threshold={self.p_threshold}); training goes on",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        metrics: dict[str, Tensor] = {"codivide/labelled_fraction": mask.float().mean()}
+        labels = self.training_labels
+        if labels.clean is not None:
+            is_clean = labels.noisy == labels.clean
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # AUROC of a set without noise (or all noise) is NaN
+                scores = selection_scores(probability, mask, is_clean, positive="clean")
+            for key in ("auroc", "precision", "recall"):
+                if bool(torch.isfinite(scores[key])):
+                    metrics[f"noisy/codivide_{key}"] = scores[key].float()
+        self.log_epoch_metrics(pl_module, metrics)
+        log_histogram(trainer, "codivide/probability", probability)
+
+    @override
+    def sample_buffers(self) -> dict[str, SampleBuffer | SampleHistory]:
+        if self._probability is None or self._history is None:
+            return {}
+        return {"probability": self._probability, "loss_history": self._history}

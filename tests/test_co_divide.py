@@ -1,0 +1,209 @@
+"""CoDivideCallback and clean_probability: GMM recovery, degenerate input, DDP, resume, bad input, end to end."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader
+
+from helpers import PlainClassifier, toy_dataset, trainer
+from lightning_noisy.callbacks.co_divide import CoDivideCallback, clean_probability, normalise_losses
+from lightning_noisy.data.sampler import EpochShuffleSampler
+
+# -- the pure functions ------------------------------------------------------------------------------
+
+
+def _bimodal(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(700, generator=g) * 0.03 + 0.1
+    high = torch.randn(300, generator=g) * 0.05 + 0.8
+    losses = torch.cat([low, high])[torch.randperm(1000, generator=g)]
+    return losses, losses < 0.45  # the modes are > 10 standard deviations apart
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gmm_recovers_the_two_modes(seed: int) -> None:
+    losses, is_low = _bimodal(seed)
+    assert int(is_low.sum()) == 700
+    probability = clean_probability(losses)
+    assert probability.dtype == torch.float32 and probability.shape == (1000,)
+    assert float((probability[is_low] > 0.5).float().mean()) >= 0.98
+    assert float((probability[~is_low] < 0.5).float().mean()) >= 0.98
+    torch.testing.assert_close(clean_probability(losses, seed=seed), clean_probability(losses, seed=seed), rtol=0, atol=0)
+    # scaling and shifting the losses does not change the division (they are min-max normalised first)
+    torch.testing.assert_close(clean_probability(losses * 7 + 3), probability, rtol=0, atol=1e-4)
+
+
+def test_normalise_losses_maps_to_unit_interval() -> None:
+    assert normalise_losses(torch.tensor([2.0, 4.0, 3.0])).tolist() == [0.0, 1.0, 0.5]
+    assert normalise_losses(torch.tensor([5.0, 5.0])).tolist() == [0.0, 0.0]
+    out = normalise_losses(torch.tensor([1.0, float("nan"), 3.0]))
+    assert out[0] == 0 and out[2] == 1 and torch.isnan(out[1])
+
+
+def test_all_equal_losses_warn_and_are_all_clean() -> None:
+    with pytest.warns(UserWarning, match="degenerate losses.*1 distinct value"):
+        probability = clean_probability(torch.full((10,), 0.7))
+    assert probability.tolist() == [1.0] * 10
+    with pytest.warns(UserWarning, match="degenerate losses"):
+        assert clean_probability(torch.tensor([0.3])).tolist() == [1.0]
+
+
+def test_non_finite_losses_warn_and_get_probability_zero() -> None:
+    losses = torch.tensor([0.5, float("nan"), 0.5, float("inf"), 0.5])
+    with pytest.warns(UserWarning, match="2 non-finite loss"):
+        probability = clean_probability(losses)
+    assert probability.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+    with pytest.warns(UserWarning, match="degenerate"):
+        assert clean_probability(torch.tensor([float("nan")] * 3)).tolist() == [0.0] * 3
+    # with enough finite losses left, the mixture divides them
+    bimodal, is_low = _bimodal(0)
+    bimodal[:5] = float("nan")
+    with pytest.warns(UserWarning, match="5 non-finite"):
+        probability = clean_probability(bimodal)
+    assert probability[:5].tolist() == [0.0] * 5
+    assert float((probability[5:][is_low[5:]] > 0.5).float().mean()) >= 0.98
+
+
+# -- the callback --------------------------------------------------------------------------------------
+
+
+def _per_sample_losses(callback: CoDivideCallback, trainer_: pl.Trainer, module: pl.LightningModule) -> torch.Tensor:
+    """All N losses computed by this process alone, over the same loader the callback uses."""
+    losses = torch.empty(callback.training_labels.num_samples)
+    module.eval()
+    with torch.no_grad():
+        for x, y, index in callback._loader(trainer_):
+            losses[index] = F.cross_entropy(module(x), y, reduction="none")
+    module.train()
+    return losses
+
+
+class RankChecker(CoDivideCallback):
+    """Asserts on each rank that the split equals the one-process GMM of the full set and is the same on both ranks."""
+
+    def on_epoch_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_epoch_boundary(trainer, pl_module)
+        assert trainer.world_size == 2
+        mine = _per_sample_losses(self, trainer, pl_module)
+        torch.testing.assert_close(self.last_losses, mine, rtol=0, atol=1e-6)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = clean_probability(mine)
+        torch.testing.assert_close(self.probability, expected, rtol=0, atol=1e-5)
+        gathered = trainer.strategy.all_gather(torch.cat([self.probability, self.last_losses]))
+        assert torch.equal(gathered[0], gathered[1]), "the division differs between ranks"
+        self.__dict__["checked"] = self.__dict__.get("checked", 0) + 1
+        assert self.checked == trainer.current_epoch + 1
+
+
+@pytest.mark.ddp
+def test_division_identical_on_two_ranks_and_equal_to_one_process() -> None:
+    dataset = toy_dataset(n=30, noisy_every=3)
+    trainer(devices=2, strategy="ddp_spawn", max_epochs=2, callbacks=[RankChecker(batch_size=4)]).fit(
+        PlainClassifier(), DataLoader(dataset, batch_size=4, shuffle=True)
+    )
+
+
+def _resumable(tmp_path: Path, max_epochs: int, ckpt: Path | None = None) -> tuple[CoDivideCallback, PlainClassifier]:
+    pl.seed_everything(7, verbose=False)
+    dataset = toy_dataset(n=30, noisy_every=3)
+    loader = DataLoader(dataset, batch_size=8, sampler=EpochShuffleSampler(dataset, seed=1))
+    callback, model = CoDivideCallback(start_epoch=1, num_average=2), PlainClassifier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_epochs=max_epochs, callbacks=[callback], default_root_dir=tmp_path).fit(
+            model, loader, ckpt_path=None if ckpt is None else str(ckpt)
+        )
+    return callback, model
+
+
+def test_resume_from_epoch_boundary_matches_uninterrupted_run(tmp_path: Path) -> None:
+    full, _ = _resumable(tmp_path / "full", max_epochs=4)
+    _, first_model = _resumable(tmp_path / "first", max_epochs=2)
+    ckpt = tmp_path / "epoch2.ckpt"
+    first_model.trainer.save_checkpoint(ckpt)
+    resumed, _ = _resumable(tmp_path / "resumed", max_epochs=4, ckpt=ckpt)
+    assert torch.equal(resumed._history.entries, full._history.entries)
+    assert torch.equal(resumed._history.visits, full._history.visits) and resumed._history.visits.tolist() == [3] * 30
+    assert torch.equal(resumed.probability, full.probability)
+    assert torch.equal(resumed.clean_mask, full.clean_mask)
+
+
+def test_end_to_end_fit_divides_and_logs(tmp_path: Path) -> None:
+    pl.seed_everything(0, verbose=False)
+    callback = CoDivideCallback(start_epoch=1)
+    with pytest.raises(RuntimeError, match="no division yet"):
+        callback.probability  # noqa: B018
+    model = PlainClassifier(lr=0.5)
+    logger = TensorBoardLogger(tmp_path, name="codivide")
+    trainer(max_epochs=3, callbacks=[callback], logger=logger).fit(
+        model, DataLoader(toy_dataset(n=48, noisy_every=4), batch_size=8, shuffle=True)
+    )
+    assert callback.probability.shape == (48,) and callback.probability.dtype == torch.float32
+    assert bool(((callback.probability >= 0) & (callback.probability <= 1)).all())
+    labelled, unlabelled = callback.labelled_index(), callback.unlabelled_index()
+    assert sorted(torch.cat([labelled, unlabelled]).tolist()) == list(range(48))
+    assert torch.equal(callback.clean_mask, callback.probability > 0.5)
+    logged = model.trainer.callback_metrics
+    for name in ("codivide/labelled_fraction", "noisy/codivide_auroc", "noisy/codivide_precision",
+                 "noisy/codivide_recall"):
+        assert name in logged, name
+    assert float(logged["codivide/labelled_fraction"]) == pytest.approx(len(labelled) / 48)
+    assert float(logged["noisy/codivide_auroc"]) > 0.7  # mislabelled samples have the higher losses
+    assert callback.last_pass_seconds > 0 and callback.last_gmm_seconds > 0
+    assert any(p.name.startswith("events") for p in Path(logger.log_dir).iterdir())
+    assert model.training  # train mode restored
+    assert "training_step" not in model.__dict__
+
+
+def test_divide_can_be_called_by_a_module_with_another_model_fn() -> None:
+    class TwoCalls(CoDivideCallback):
+        def on_epoch_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            first = self.divide(trainer, pl_module).clone()
+            second = self.divide(trainer, pl_module, model_fn=lambda m, x: -m(x)).clone()
+            self.__dict__["results"] = (first, second, self.last_losses.clone())
+
+    callback = TwoCalls()
+    model = PlainClassifier()
+    trainer(max_epochs=1, callbacks=[callback]).fit(model, DataLoader(toy_dataset(n=24), batch_size=8))
+    first, second, losses = callback.results
+    assert not torch.equal(first, second)
+    x = torch.stack([toy_dataset(n=24)[i][0] for i in range(24)])
+    y = toy_dataset(n=24).noisy_labels
+    torch.testing.assert_close(losses, F.cross_entropy(-model.net(x), y, reduction="none"), rtol=0, atol=1e-6)
+
+
+def test_empty_unlabelled_set_warns_once_and_goes_on() -> None:
+    class AllEqual(CoDivideCallback):
+        def compute_losses(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model_fn: Any = None) -> torch.Tensor:
+            return torch.full((self.training_labels.num_samples,), 0.3)
+
+    callback = AllEqual()
+    with pytest.warns(UserWarning) as record:
+        trainer(max_epochs=2, callbacks=[callback]).fit(PlainClassifier(), DataLoader(toy_dataset(n=16), batch_size=8))
+    messages = [str(w.message) for w in record]
+    assert sum("unlabelled set is empty" in m for m in messages) == 1
+    assert callback.clean_mask.all() and callback.unlabelled_index().numel() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"p_threshold": 0.0}, r"p_threshold must be a number in \(0, 1\), got 0.0"),
+        ({"p_threshold": 1.2}, r"p_threshold must be a number in \(0, 1\), got 1.2"),
+        ({"num_average": 0}, "num_average must be an integer >= 1, got 0"),
+        ({"start_epoch": -1}, "start_epoch must be an integer >= 0, got -1"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_arguments_are_rejected(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CoDivideCallback(**kwargs)
