@@ -1,0 +1,178 @@
+"""Attention feature mixup: mix penultimate features of sample pairs with learnt attention weights.
+
+After Attentive Feature Mixup (AFM; Peng, Wang, Zeng, Li, Yang, Qiao, "Suppressing Mislabeled Data via
+Grouping and Self-Attention", ECCV 2020): pairs are formed within groups of the same (noisy) label and
+across groups, and the classifier is trained on the mixtures. The pair attention (a linear layer on the
+concatenated features) and ``lambda_mix`` are this package's choices, not checked against the paper's
+equations.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_noisy.methods.classifier import NoisyClassifier, split_batch
+
+__all__ = ["FeatureMixup", "PairAttention", "group_pairs", "mix_features", "mixed_targets", "soft_cross_entropy"]
+
+
+def group_pairs(labels: Tensor, pairs_per_group: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Random pairs of batch positions: within groups of one label, and the same number across groups.
+
+    For every label that ``g >= 2`` samples of the batch carry, ``pairs_per_group`` pairs ``(i, j)``, ``i != j``,
+    are drawn from that group (with replacement across pairs). Then as many cross-group pairs are drawn: ``i``
+    uniformly from the batch, ``j`` uniformly among the samples whose label differs from ``y_i`` (none when
+    the batch holds a single label).
+
+    Args:
+        labels: ``[B]`` int64 (noisy) labels.
+        pairs_per_group: pairs drawn per group of size ``>= 2`` (``>= 1``).
+        generator: CPU ``torch.Generator`` for reproducible pairs; torch's global RNG when ``None``.
+
+    Returns:
+        ``(within [P, 2], cross [Q, 2])``: int64 positions on ``labels``' device, ``Q <= P``.
+    """
+    if labels.ndim != 1 or labels.is_floating_point():
+        raise ValueError(f"labels must be integer [B], got {labels.dtype} {tuple(labels.shape)}")
+    if isinstance(pairs_per_group, bool) or not isinstance(pairs_per_group, int) or pairs_per_group < 1:
+        raise ValueError(f"pairs_per_group must be an integer >= 1, got {pairs_per_group!r}")
+    cpu = labels.detach().cpu()
+    within: list[list[int]] = []
+    for c in torch.unique(cpu).tolist():
+        members = (cpu == c).nonzero().flatten()
+        if members.numel() < 2:
+            continue
+        for _ in range(pairs_per_group):
+            first, second = torch.randperm(members.numel(), generator=generator)[:2].tolist()
+            within.append([int(members[first]), int(members[second])])
+    cross: list[list[int]] = []
+    if torch.unique(cpu).numel() > 1:
+        for _ in range(len(within)):
+            i = int(torch.randint(cpu.numel(), (1,), generator=generator))
+            others = (cpu != cpu[i]).nonzero().flatten()
+            j = int(others[int(torch.randint(others.numel(), (1,), generator=generator))])
+            cross.append([i, j])
+    as_tensor = lambda pairs: torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).to(labels.device)
+    return as_tensor(within), as_tensor(cross)
+
+
+def mix_features(f_i: Tensor, f_j: Tensor, w: Tensor) -> Tensor:
+    """``w[:, 0] f_i + w[:, 1] f_j`` for ``f_i, f_j [P, D]`` and weights ``w [P, 2]``."""
+    if f_i.shape != f_j.shape or f_i.ndim != 2 or w.shape != (f_i.shape[0], 2):
+        raise ValueError(f"expected f_i, f_j [P, D] and w [P, 2], got {tuple(f_i.shape)}, {tuple(f_j.shape)}, "
+                         f"{tuple(w.shape)}")
+    return w[:, :1] * f_i + w[:, 1:] * f_j
+
+
+def mixed_targets(y_i: Tensor, y_j: Tensor, w: Tensor, num_classes: int) -> Tensor:
+    """Soft labels ``w[:, 0] onehot(y_i) + w[:, 1] onehot(y_j)`` ``[P, C]`` (``= onehot(y)`` within a group)."""
+    if y_i.shape != y_j.shape or y_i.ndim != 1 or w.shape != (y_i.shape[0], 2):
+        raise ValueError(f"expected y_i, y_j [P] and w [P, 2], got {tuple(y_i.shape)}, {tuple(y_j.shape)}, "
+                         f"{tuple(w.shape)}")
+    return w[:, :1] * F.one_hot(y_i, num_classes).to(w) + w[:, 1:] * F.one_hot(y_j, num_classes).to(w)
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean of ``-sum_c t_c log softmax(logits)_c`` over the rows."""
+    return -(targets * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+
+
+class PairAttention(nn.Module):
+    """Attention over a pair: ``softmax(Linear([f_i, f_j]))``, two weights per pair that sum to 1."""
+
+    def __init__(self, feature_dim: int) -> None:
+        super().__init__()
+        self.score = nn.Linear(2 * int(feature_dim), 2)
+
+    def forward(self, f_i: Tensor, f_j: Tensor) -> Tensor:
+        """``[P, D], [P, D] -> [P, 2]`` weights ``(w_i, w_j)``."""
+        return torch.softmax(self.score(torch.cat([f_i, f_j], dim=1)), dim=1)
+
+
+class FeatureMixup(NoisyClassifier):
+    """Attention feature mixup (AFM; Peng et al., ECCV 2020), on a backbone with ``features`` and ``classifier``.
+
+    Each training batch is grouped by its (noisy) label (:func:`group_pairs`). Within a group, pairs
+    ``(i, j)`` are mixed in feature space, ``f = w_i f_i + w_j f_j`` with ``(w_i, w_j)`` from
+    :class:`PairAttention` on the concatenated features, and keep the group's label: the attention learns to
+    lower the weight of the samples whose features do not fit their label (the mislabelled ones). Across
+    groups, pairs are mixed the same way with the soft label ``w_i onehot(y_i) + w_j onehot(y_j)``.
+    The loss is the paper's two terms: ``L = L_ce(classifier(f_b), y_b) + lambda_mix L_mix``, ``L_mix``
+    the (soft) cross-entropy of ``classifier`` on all mixed features. Gradients reach the backbone, the
+    classifier and the attention (also through the soft labels' weights). Inference is the plain network.
+
+    Pairs are drawn with a CPU ``torch.Generator`` seeded from ``(seed, global_step)``: the same pairs in a
+    rerun, and the same positions on every DDP rank. A batch without a group of two gives ``L_mix = 0``.
+
+    Logged: ``train/loss``, ``train/loss_ce``, ``train/loss_mix``, ``train/attention_within`` (mean weight
+    of the pairs' first sample within groups); ``test/acc`` and ``test/acc_best`` as :class:`NoisyClassifier`.
+
+    Args:
+        lambda_mix: weight of the mixed-feature loss, ``>= 0`` (1.0: the two terms summed with equal weight).
+        pairs_per_group: random within-group pairs per label group of the batch, and as many cross-group
+            pairs in total (keeps the cost bounded; ``>= 1``).
+        seed: seed of the pair sampling.
+        **kwargs: the :class:`NoisyClassifier` arguments (``mixup_alpha`` must stay 0).
+    """
+
+    def __init__(self, lambda_mix: float = 1.0, pairs_per_group: int = 4, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        if isinstance(lambda_mix, bool) or not isinstance(lambda_mix, (int, float)) or not lambda_mix >= 0:
+            raise ValueError(f"lambda_mix must be a number >= 0, got {lambda_mix!r}")
+        if isinstance(pairs_per_group, bool) or not isinstance(pairs_per_group, int) or pairs_per_group < 1:
+            raise ValueError(f"pairs_per_group must be an integer >= 1, got {pairs_per_group!r}")
+        if self.hparams.mixup_alpha > 0:
+            raise ValueError("FeatureMixup does not support mixup_alpha > 0 (it mixes features itself)")
+        for name in ("features", "classifier", "feature_dim"):
+            if not hasattr(self.backbone, name):
+                raise ValueError(f"FeatureMixup needs a backbone with `{name}`; {type(self.backbone).__name__} has none")
+        self.attention = PairAttention(int(self.backbone.feature_dim))
+
+    def pair_generator(self, step: int) -> torch.Generator:
+        """The CPU generator of training step ``step``."""
+        return torch.Generator().manual_seed(int(self.hparams.seed) * 1_000_003 + int(step))
+
+    def feature_mixup_loss(self, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """The two AFM losses on a batch ``x [B, ...]`` with hard labels ``y [B]``.
+
+        Returns:
+            ``{"loss", "loss_ce", "loss_mix", "logits", "weights_within"}``.
+        """
+        if y.ndim != 1 or y.is_floating_point():
+            raise ValueError(f"FeatureMixup needs hard integer labels [B], got {y.dtype} {tuple(y.shape)}")
+        features = self.backbone.features(x)
+        logits = self.backbone.classifier(features)
+        loss_ce = self.compute_loss(logits, y)
+        within, cross = group_pairs(y, int(self.hparams.pairs_per_group), generator)
+        pairs = torch.cat([within, cross])
+        if pairs.shape[0] == 0:
+            loss_mix = logits.sum() * 0.0
+            weights = logits.new_zeros(0, 2)
+        else:
+            f_i, f_j = features[pairs[:, 0]], features[pairs[:, 1]]
+            weights = self.attention(f_i, f_j)
+            mixed = mix_features(f_i, f_j, weights)
+            targets = mixed_targets(y[pairs[:, 0]], y[pairs[:, 1]], weights, self.num_classes)
+            loss_mix = soft_cross_entropy(self.backbone.classifier(mixed), targets)
+        loss = loss_ce + float(self.hparams.lambda_mix) * loss_mix
+        return {"loss": loss, "loss_ce": loss_ce, "loss_mix": loss_mix, "logits": logits,
+                "weights_within": weights[: within.shape[0]]}
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        x, y = split_batch(batch)
+        out = self.feature_mixup_loss(x, y, self.pair_generator(self.global_step))
+        batch_size = int(x.shape[0])
+        self.log("train/loss", out["loss"], on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self.log("train/loss_ce", out["loss_ce"], on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log("train/loss_mix", out["loss_mix"], on_step=False, on_epoch=True, batch_size=batch_size)
+        if out["weights_within"].numel() > 0:
+            self.log("train/attention_within", out["weights_within"][:, 0].detach().mean(), on_step=False,
+                     on_epoch=True, batch_size=batch_size)
+        return {"loss": out["loss"], "logits": out["logits"]}
