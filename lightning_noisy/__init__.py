@@ -2,11 +2,13 @@
 
 from lightning_noisy.callbacks import (
     AUMCallback,
+    CoDivideCallback,
     CurriculumCallback,
     ForwardCorrectionCallback,
     LabelCorrectionCallback,
     NoisyLabelMonitor,
     SampleStateCallback,
+    WarmupEntropyCallback,
 )
 from lightning_noisy.data import (
     CIFARDataModule,
@@ -18,7 +20,7 @@ from lightning_noisy.data import (
     NoisyLabels,
     make_noisy_labels,
 )
-from lightning_noisy.methods import CoTeaching, JointOptimization, NoisyClassifier
+from lightning_noisy.methods import CoTeaching, FeatureMixup, JointOptimization, NoisyClassifier, SelfLearning
 from lightning_noisy.metrics import CleanSelectionMetrics, RecoveryAccuracy
 from lightning_noisy.models import build_backbone
 
@@ -28,9 +30,11 @@ __all__ = [
     "AUMCallback",
     "CIFARDataModule",
     "CleanSelectionMetrics",
+    "CoDivideCallback",
     "CoTeaching",
     "CurriculumCallback",
     "DigitsDataModule",
+    "FeatureMixup",
     "ForwardCorrectionCallback",
     "ImageFolderCSVDataModule",
     "JointOptimization",
@@ -43,6 +47,8 @@ __all__ = [
     "NoisyLabels",
     "RecoveryAccuracy",
     "SampleStateCallback",
+    "SelfLearning",
+    "WarmupEntropyCallback",
     "build_backbone",
     "make_noisy_labels",
 ]

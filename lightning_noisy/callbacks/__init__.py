@@ -2,19 +2,24 @@
 
 from lightning_noisy.callbacks.aum import AUMCallback
 from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels, find_training_labels
+from lightning_noisy.callbacks.co_divide import CoDivideCallback, clean_probability
 from lightning_noisy.callbacks.curriculum import CurriculumCallback, density_curriculum
 from lightning_noisy.callbacks.forward_correction import ForwardCorrectionCallback
 from lightning_noisy.callbacks.label_correction import LabelCorrectionCallback
 from lightning_noisy.callbacks.monitor import NoisyLabelMonitor
+from lightning_noisy.callbacks.warmup_entropy import WarmupEntropyCallback
 
 __all__ = [
     "AUMCallback",
+    "CoDivideCallback",
     "CurriculumCallback",
     "ForwardCorrectionCallback",
     "LabelCorrectionCallback",
     "NoisyLabelMonitor",
     "SampleStateCallback",
     "TrainingLabels",
+    "WarmupEntropyCallback",
+    "clean_probability",
     "density_curriculum",
     "find_training_labels",
 ]
