@@ -1,0 +1,547 @@
+"""DivideMix (Li, Socher, Hoi, "DivideMix: Learning with Noisy Labels as Semi-supervised Learning", ICLR 2020).
+
+Two networks are warmed up with cross-entropy; from then on, at the start of every epoch, each network's
+per-sample losses on the training set are fitted with a two-component GMM (co-divide), giving every sample a
+clean probability. Each network is then trained on the division made by its peer: samples whose clean
+probability exceeds ``p_threshold`` are labelled (targets: co-refined labels), the rest are unlabelled
+(targets: co-guessed from both networks), and the two sets are mixed with MixMatch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
+
+from lightning_noisy.callbacks.base import find_training_labels
+from lightning_noisy.losses.mixup import sample_mixup_lambda
+from lightning_noisy.losses.regularizers import entropy_loss, prior_loss
+from lightning_noisy.methods.classifier import (
+    OptimizerName,
+    SchedulerName,
+    build_optimizer,
+    check_optimisation_args,
+    split_batch,
+)
+from lightning_noisy.models import build_backbone
+from lightning_noisy.state import BatchContract
+
+__all__ = [
+    "DivideMix",
+    "co_guess",
+    "co_refine",
+    "default_augment",
+    "linear_rampup",
+    "mixmatch_lambda",
+    "sharpen",
+    "uniform_prior_penalty",
+]
+
+
+# ---------------------------------------------------------------------------------------------- pure functions
+def _check_positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_probs(name: str, p: Tensor) -> None:
+    if not isinstance(p, Tensor) or p.ndim != 2 or not p.is_floating_point():
+        got = f"shape {tuple(p.shape)}, dtype {p.dtype}" if isinstance(p, Tensor) else repr(p)
+        raise ValueError(f"{name} must be a floating tensor [B, C], got {got}")
+
+
+def sharpen(p: Tensor, temperature: float) -> Tensor:
+    """Temperature sharpening of MixMatch: ``p^(1/T) / sum_c p_c^(1/T)`` row-wise.
+
+    Args:
+        p: ``[B, C]`` non-negative scores (probabilities).
+        temperature: ``T > 0``; ``T < 1`` sharpens, ``T = 1`` only renormalises.
+
+    Returns:
+        ``[B, C]`` rows summing to 1, in the dtype of ``p``.
+    """
+    temperature = _check_positive("temperature", temperature)
+    _check_probs("p", p)
+    powered = p.clamp_min(0) ** (1.0 / temperature)
+    return powered / powered.sum(dim=1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+
+
+def mixmatch_lambda(alpha: float, generator: torch.Generator | None = None) -> float:
+    """``l = max(l, 1 - l)`` with ``l ~ Beta(alpha, alpha)`` (MixMatch / DivideMix): always ``>= 0.5``."""
+    lam = sample_mixup_lambda(alpha, generator)
+    return max(lam, 1.0 - lam)
+
+
+def co_refine(labels_onehot: Tensor, probs_mean: Tensor, w: Tensor, temperature: float = 0.5) -> Tensor:
+    """Label co-refinement (DivideMix Eq. 3-4): ``sharpen(w y + (1 - w) p, T)``.
+
+    Args:
+        labels_onehot: ``[B, C]`` one-hot (noisy) labels of the labelled samples.
+        probs_mean: ``[B, C]`` the trained network's softmax averaged over the two augmentations.
+        w: ``[B]`` clean probabilities of the samples, from the peer network's division.
+        temperature: sharpening temperature ``T``.
+    """
+    _check_probs("labels_onehot", labels_onehot)
+    if probs_mean.shape != labels_onehot.shape:
+        raise ValueError(
+            f"probs_mean must have the shape of labels_onehot {tuple(labels_onehot.shape)}, got {tuple(probs_mean.shape)}"
+        )
+    if not isinstance(w, Tensor) or w.shape != labels_onehot.shape[:1]:
+        got = tuple(w.shape) if isinstance(w, Tensor) else repr(w)
+        raise ValueError(f"w must be a tensor [B] = [{labels_onehot.shape[0]}], got {got}")
+    w = w.to(probs_mean.dtype)[:, None]
+    return sharpen(w * labels_onehot.to(probs_mean.dtype) + (1.0 - w) * probs_mean, temperature)
+
+
+def co_guess(p_net: Tensor, p_peer: Tensor, temperature: float = 0.5) -> Tensor:
+    """Label co-guessing (DivideMix Sec. 3.3): sharpen the mean softmax of both networks over both augmentations.
+
+    Args:
+        p_net: ``[2, B, C]`` softmax of the trained network on the two augmentations.
+        p_peer: ``[2, B, C]`` softmax of the peer network on the same two augmentations.
+        temperature: sharpening temperature ``T``.
+
+    Returns:
+        ``[B, C]`` sharpened guesses.
+    """
+    if not isinstance(p_net, Tensor) or p_net.ndim != 3 or p_net.shape[0] != 2 or not p_net.is_floating_point():
+        got = tuple(p_net.shape) if isinstance(p_net, Tensor) else repr(p_net)
+        raise ValueError(f"p_net must be a floating tensor [2, B, C], got {got}")
+    if not isinstance(p_peer, Tensor) or p_peer.shape != p_net.shape:
+        got = tuple(p_peer.shape) if isinstance(p_peer, Tensor) else repr(p_peer)
+        raise ValueError(f"p_peer must have the shape of p_net {tuple(p_net.shape)}, got {got}")
+    return sharpen(torch.cat([p_net, p_peer.to(p_net.dtype)]).mean(dim=0), temperature)
+
+
+def linear_rampup(epoch_progress: float, warmup: float, lambda_u: float, rampup_length: float = 16) -> float:
+    """Weight of the unlabelled loss, as in the reference code: ``lambda_u * clip((t - warmup) / L, 0, 1)``.
+
+    Args:
+        epoch_progress: ``t = epoch + batch_idx / num_batches`` (epochs counted from 0).
+        warmup: number of warm-up epochs (the ramp starts when MixMatch training starts).
+        lambda_u: final weight ``lambda_u >= 0``.
+        rampup_length: ``L > 0`` epochs (reference code: 16).
+    """
+    if isinstance(lambda_u, bool) or not isinstance(lambda_u, (int, float)) or not lambda_u >= 0:
+        raise ValueError(f"lambda_u must be a number >= 0, got {lambda_u!r}")
+    rampup_length = _check_positive("rampup_length", rampup_length)
+    current = min(max((float(epoch_progress) - float(warmup)) / rampup_length, 0.0), 1.0)
+    return float(lambda_u) * current
+
+
+def uniform_prior_penalty(logits: Tensor) -> Tensor:
+    """DivideMix's regularisation ``sum_c pi_c log(pi_c / mean_i p_ic)`` with the uniform prior ``pi_c = 1/C``.
+
+    ``p = softmax(logits)`` and the mean is over the batch (the KL divergence from the uniform prior to the
+    mean prediction). Same as :func:`~lightning_noisy.losses.regularizers.prior_loss` with a uniform prior.
+    """
+    return prior_loss(logits)
+
+
+def default_augment(
+    x: Tensor, generator: torch.Generator | None = None, noise_std: float = 0.05, max_shift: int = 2
+) -> Tensor:
+    """A generic augmentation for any ``[B, ..., L]`` tensor: Gaussian noise and a random circular shift.
+
+    Noise of standard deviation ``noise_std`` times each sample's standard deviation is added, then each
+    sample is rolled along its last dimension by a random integer in ``[-max_shift, max_shift]``. It suits
+    1-D signals such as MNIST-1D; for images pass a real augmentation (e.g. a torchvision transform).
+    """
+    if x.shape[0] == 0:
+        return x
+    flat = x.flatten(1)
+    scale = flat.float().std(dim=1, unbiased=False).to(x.dtype) if flat.shape[1] > 1 else torch.ones_like(flat[:, 0])
+    device = generator.device if generator is not None else x.device
+    noise = torch.randn(x.shape, generator=generator, device=device).to(x)
+    out = x + noise_std * scale.view(-1, *([1] * (x.ndim - 1))) * noise
+    if max_shift > 0 and x.ndim >= 2:
+        length = x.shape[-1]
+        shift = torch.randint(-max_shift, max_shift + 1, (x.shape[0],), generator=generator, device=device).to(x.device)
+        index = (torch.arange(length, device=x.device)[None, :] - shift[:, None]) % length  # [B, L]
+        index = index.view(x.shape[0], *([1] * (x.ndim - 2)), length).expand_as(out)
+        out = out.gather(-1, index)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- module
+class DivideMix(pl.LightningModule):
+    """DivideMix (Li, Socher, Hoi, ICLR 2020) with two networks and manual optimisation.
+
+    *Warm-up* (epochs ``< warmup_epochs``): both networks are trained with cross-entropy on the noisy labels,
+    plus ``penalty_weight`` times the negative entropy of the predictions (the paper's confidence penalty for
+    asymmetric noise; 0 by default).
+
+    *Co-divide* (start of every later epoch): for each network an evaluation pass over the whole training set
+    (``trainer.datamodule.train_eval_dataloader()``, or the training dataset in order when the DataModule has
+    none) gives per-sample cross-entropies against the noisy labels; :func:`clean_probability` (a 2-component
+    GMM) turns them into clean probabilities ``prob_a`` / ``prob_b``. Every DDP rank computes the pass over
+    the full training set itself, so the divisions are identical on all ranks without any communication (the
+    price is that the pass is not split between ranks). The divisions are registered buffers ``[N]``, so
+    checkpoints hold them.
+
+    *MixMatch training* (after warm-up): each training batch ``[x, y, index]`` is split into a labelled part
+    (``prob_peer[index] > p_threshold``) and an unlabelled part. Each sample gets two augmentations; labelled
+    targets are co-refined (:func:`co_refine` with ``w = prob_peer[index]``), unlabelled ones co-guessed
+    (:func:`co_guess`, the peer in eval mode). All inputs and targets are concatenated and mixed with a random
+    permutation of themselves (``l = max(l, 1 - l)``, ``l ~ Beta(alpha, alpha)``); the loss is the soft
+    cross-entropy on the labelled part, plus ``linear_rampup(...)`` times the mean squared error between
+    softmax and targets on the unlabelled part, plus the uniform-prior penalty on the whole mixed batch. An
+    empty part in a batch drops its term. Network a is trained with network b's division and b as co-guessing
+    peer, and vice versa: both losses are computed from the networks as they are at the start of the batch,
+    backpropagated together (disjoint graphs) and both optimisers step, which keeps DDP simple.
+
+    The augmentations and mixup draw from a generator seeded by ``(seed, epoch, batch_idx, rank)`` when the
+    default augmentation is used, so a run resumed from an epoch-boundary checkpoint repeats the uninterrupted
+    one; a user ``augment`` callable draws from torch's global RNG.
+
+    Evaluation predicts with the average softmax of both networks. Logged: ``train/loss_a``, ``train/loss_b``,
+    ``train/lambda_u``; ``test/acc``, ``test/acc_best``; at each co-divide ``codivide/labelled_fraction``
+    (mean over both divisions) and, when the data exposes clean labels, ``noisy/codivide_auroc`` (network a's
+    division, i.e. the one network b is trained with) and ``noisy/codivide_auroc_b``.
+
+    Args:
+        backbone: backbone name for both networks (see :func:`~lightning_noisy.models.build_backbone`).
+        num_classes: number of classes ``C``.
+        backbone_kwargs: extra arguments of the backbone.
+        warmup_epochs: epochs of cross-entropy warm-up (paper: 10 on CIFAR-10, 30 on CIFAR-100).
+        p_threshold: clean-probability threshold of the division (paper: 0.5; 0.6 at 90% symmetric noise).
+        lambda_u: final weight of the unlabelled loss (paper: 0 to 150 depending on the noise, see the configs).
+        rampup_length: epochs of the linear ramp of ``lambda_u`` after warm-up (reference code: 16).
+        temperature: sharpening temperature ``T`` (paper: 0.5).
+        alpha: Beta parameter of MixMatch (paper: 4).
+        penalty_weight: weight of the warm-up confidence penalty (negative entropy); paper: 1 for asymmetric
+            noise, none otherwise.
+        augment: ``Callable[[Tensor], Tensor]`` applied to a training batch to get one random augmentation;
+            ``None`` uses :func:`default_augment` (noise and a small shift, a generic default).
+        gmm_max_iter: iterations of the GMM fit (reference: 10).
+        gmm_reg_covar: covariance regularisation of the GMM (reference: 5e-4).
+        seed: network a is initialised from ``seed``, network b from ``seed + 1`` (global RNG untouched); also
+            seeds the augmentation / mixup generator and the GMM.
+        optimizer: ``"sgd"`` or ``"adamw"`` (paper: SGD).
+        lr: learning rate (paper: 0.02).
+        momentum: SGD momentum (paper: 0.9).
+        weight_decay: weight decay (paper: 5e-4).
+        nesterov: Nesterov momentum.
+        scheduler: ``"constant"``, ``"multistep"`` or ``"cosine"`` (paper: lr / 10 after 150 of 300 epochs).
+        milestones: epochs of ``"multistep"``.
+        gamma: decay factor of ``"multistep"``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "cnn1d",
+        num_classes: int = 10,
+        backbone_kwargs: dict[str, Any] | None = None,
+        warmup_epochs: int = 10,
+        p_threshold: float = 0.5,
+        lambda_u: float = 25.0,
+        rampup_length: int = 16,
+        temperature: float = 0.5,
+        alpha: float = 4.0,
+        penalty_weight: float = 0.0,
+        augment: Callable[[Tensor], Tensor] | None = None,
+        gmm_max_iter: int = 10,
+        gmm_reg_covar: float = 5e-4,
+        seed: int = 0,
+        optimizer: OptimizerName = "sgd",
+        lr: float = 0.02,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        nesterov: bool = False,
+        scheduler: SchedulerName = "constant",
+        milestones: list[int] | None = None,
+        gamma: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["augment"])
+        self.automatic_optimization = False
+        milestones = list(milestones or [])
+        check_optimisation_args(optimizer, lr, momentum, weight_decay, scheduler, milestones, gamma)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be an int >= 0, got {warmup_epochs!r}")
+        if isinstance(p_threshold, bool) or not isinstance(p_threshold, (int, float)) or not 0 < p_threshold < 1:
+            raise ValueError(f"p_threshold must be a number in (0, 1), got {p_threshold!r}")
+        linear_rampup(0.0, 0, lambda_u, rampup_length)  # validates lambda_u and rampup_length
+        _check_positive("temperature", temperature)
+        _check_positive("alpha", alpha)
+        if isinstance(penalty_weight, bool) or not isinstance(penalty_weight, (int, float)) or not penalty_weight >= 0:
+            raise ValueError(f"penalty_weight must be a number >= 0, got {penalty_weight!r}")
+        if augment is not None and not callable(augment):
+            raise ValueError(f"augment must be a callable Tensor -> Tensor or None, got {augment!r}")
+        if isinstance(gmm_max_iter, bool) or not isinstance(gmm_max_iter, int) or gmm_max_iter < 1:
+            raise ValueError(f"gmm_max_iter must be an int >= 1, got {gmm_max_iter!r}")
+        _check_positive("gmm_reg_covar", gmm_reg_covar)
+        self.num_classes = int(num_classes)
+        self.milestones = milestones
+        self.augment = augment
+        kwargs = backbone_kwargs or {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.net_a: nn.Module = build_backbone(backbone, self.num_classes, **kwargs)
+            torch.manual_seed(seed + 1)
+            self.net_b: nn.Module = build_backbone(backbone, self.num_classes, **kwargs)
+        self.val_accuracy = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
+        self.test_accuracy = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
+        self.register_buffer("best_acc", torch.tensor(0.0))
+        # clean probabilities [N] of the last co-divide (all ones before the first one)
+        self.register_buffer("prob_a", torch.zeros(0))
+        self.register_buffer("prob_b", torch.zeros(0))
+        self._is_clean: Tensor | None = None
+
+    # ------------------------------------------------------------------ prediction
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, ...] -> [B, C]`` log of the two networks' mean softmax (usable as logits)."""
+        probs = (torch.softmax(self.net_a(x).float(), 1) + torch.softmax(self.net_b(x).float(), 1)) / 2
+        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+
+    # ------------------------------------------------------------------ state
+    @override
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        for name in ("prob_a", "prob_b"):  # the divisions' size is only known once the data is
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, Tensor) and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.zeros_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @override
+    def on_train_start(self) -> None:
+        labels = find_training_labels(self.trainer)
+        n = labels.num_samples
+        if self.prob_a.shape != (n,) or self.prob_b.shape != (n,):
+            self.prob_a = torch.ones(n, device=self.device)
+            self.prob_b = torch.ones(n, device=self.device)
+        self._is_clean = None if labels.clean is None else (labels.clean == labels.noisy).to(self.device)
+
+    @property
+    def in_warmup(self) -> bool:
+        return self.current_epoch < self.hparams.warmup_epochs
+
+    # ------------------------------------------------------------------ co-divide
+    def _eval_loader(self) -> DataLoader:
+        datamodule = self.trainer.datamodule
+        make = getattr(datamodule, "train_eval_dataloader", None)
+        if callable(make):
+            return make()
+        loader = self.trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None:
+            raise RuntimeError("DivideMix needs the training set for co-divide: use a DataModule with "
+                               "train_eval_dataloader() or a DataLoader over an indexed dataset")
+        return DataLoader(dataset, batch_size=getattr(loader, "batch_size", None) or 128, shuffle=False)
+
+    @torch.no_grad()
+    def per_sample_losses(self, net: nn.Module, loader: DataLoader, num_samples: int) -> Tensor:
+        """``[N]`` float32 cross-entropy of ``net`` (eval mode) against the noisy labels, indexed by sample."""
+        was_training = net.training
+        net.eval()
+        losses = torch.full((num_samples,), float("nan"), device=self.device)
+        try:
+            for batch in loader:
+                if not isinstance(batch, (list, tuple)) or len(batch) != 3:
+                    raise ValueError("co-divide needs batches [x, y, index] from the training set")
+                x, y, index = (t.to(self.device) for t in batch)
+                losses[index] = F.cross_entropy(net(x).float(), y, reduction="none")
+        finally:
+            net.train(was_training)
+        if torch.isnan(losses).any():
+            raise RuntimeError("the co-divide pass did not visit every training sample")
+        return losses
+
+    def co_divide(self) -> None:
+        """Fit the division of each network on its per-sample losses; fills ``prob_a`` and ``prob_b``."""
+        from lightning_noisy.callbacks.co_divide import clean_probability
+
+        loader = self._eval_loader()
+        n = int(self.prob_a.shape[0])
+        hp = self.hparams
+        for name, net in (("prob_a", self.net_a), ("prob_b", self.net_b)):
+            losses = self.per_sample_losses(net, loader, n)
+            prob = clean_probability(losses.cpu(), max_iter=hp.gmm_max_iter, reg_covar=hp.gmm_reg_covar, seed=hp.seed)
+            getattr(self, name).copy_(prob.to(self.prob_a))
+        threshold = hp.p_threshold
+        fraction = ((self.prob_a > threshold).float().mean() + (self.prob_b > threshold).float().mean()) / 2
+        self.log("codivide/labelled_fraction", fraction)
+        if self._is_clean is not None and self._is_clean.any() and not self._is_clean.all():
+            from lightning_noisy.metrics.selection import selection_scores
+
+            clean = self._is_clean.cpu()
+            for key, prob in (("noisy/codivide_auroc", self.prob_a), ("noisy/codivide_auroc_b", self.prob_b)):
+                scores = selection_scores(prob.cpu().float(), prob.cpu() > threshold, clean, positive="clean")
+                self.log(key, scores["auroc"])
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        if not self.in_warmup:
+            self.co_divide()
+
+    # ------------------------------------------------------------------ training
+    def _batch_index(self, batch: Any) -> Tensor:
+        if isinstance(batch, (list, tuple)) and len(batch) == 3:
+            return batch[2]
+        index = BatchContract.current_index(self)
+        if index is None:
+            raise ValueError("DivideMix needs the dataset index of each training batch: [x, y, index] batches")
+        return index
+
+    def _generator(self, device: torch.device, batch_idx: int) -> torch.Generator | None:
+        if self.augment is not None:
+            return None
+        generator = torch.Generator(device=device)
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        generator.manual_seed(hash((int(self.hparams.seed), int(self.current_epoch), int(batch_idx), rank)) % 2**62)
+        return generator
+
+    def _augment(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        if self.augment is not None:
+            return self.augment(x)
+        return default_augment(x, generator)
+
+    def mixmatch_loss(
+        self,
+        net: nn.Module,
+        peer: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        w: Tensor,
+        lambda_u: float,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor]:
+        """MixMatch loss of ``net`` on a batch, with the peer's clean probabilities ``w [B]``.
+
+        Returns:
+            ``(loss, logits)``: the scalar loss and ``net``'s logits ``[B, C]`` on the first augmentation.
+        """
+        hp = self.hparams
+        labelled = w > hp.p_threshold
+        x1, x2 = self._augment(x, generator), self._augment(x, generator)
+        with torch.no_grad():
+            logits1, logits2 = net(x1), net(x2)
+            p1, p2 = torch.softmax(logits1.float(), 1), torch.softmax(logits2.float(), 1)
+            unl = ~labelled
+            targets_x = co_refine(F.one_hot(y[labelled], self.num_classes).float(), (p1[labelled] + p2[labelled]) / 2,
+                                  w[labelled].float(), hp.temperature)
+            if bool(unl.any()):
+                peer_was_training = peer.training
+                peer.eval()
+                try:
+                    q1 = torch.softmax(peer(x1[unl]).float(), 1)
+                    q2 = torch.softmax(peer(x2[unl]).float(), 1)
+                finally:
+                    peer.train(peer_was_training)
+                targets_u = co_guess(torch.stack([p1[unl], p2[unl]]), torch.stack([q1, q2]), hp.temperature)
+            else:
+                targets_u = p1[:0]
+        n_x, n_u = int(labelled.sum()), int(unl.sum())
+        inputs = torch.cat([x1[labelled], x2[labelled], x1[unl], x2[unl]])
+        targets = torch.cat([targets_x, targets_x, targets_u, targets_u])
+        lam = mixmatch_lambda(hp.alpha, generator)
+        device = generator.device if generator is not None else inputs.device
+        perm = torch.randperm(inputs.shape[0], generator=generator, device=device).to(inputs.device)
+        mixed_input = lam * inputs + (1 - lam) * inputs[perm]
+        mixed_target = lam * targets + (1 - lam) * targets[perm]
+        logits = net(mixed_input).float()
+        loss = uniform_prior_penalty(logits)
+        if n_x > 0:
+            loss = loss - (torch.log_softmax(logits[: 2 * n_x], 1) * mixed_target[: 2 * n_x]).sum(1).mean()
+        if n_u > 0:
+            loss = loss + lambda_u * ((torch.softmax(logits[2 * n_x:], 1) - mixed_target[2 * n_x:]) ** 2).mean()
+        return loss, logits1.detach()
+
+    def warmup_loss(self, net: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-entropy plus ``penalty_weight`` times the negative entropy; ``(loss, logits)``."""
+        logits = net(x)
+        loss = F.cross_entropy(logits.float(), y)
+        if self.hparams.penalty_weight > 0:
+            loss = loss - self.hparams.penalty_weight * entropy_loss(logits)
+        return loss, logits.detach()
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        x, y = split_batch(batch)
+        optimizer_a, optimizer_b = self.optimizers()  # type: ignore[misc]
+        if self.in_warmup:
+            loss_a, logits_a = self.warmup_loss(self.net_a, x, y)
+            loss_b, _ = self.warmup_loss(self.net_b, x, y)
+            lambda_u = 0.0
+        else:
+            index = self._batch_index(batch).to(self.prob_a.device)
+            hp = self.hparams
+            progress = self.current_epoch + batch_idx / max(1, int(self.trainer.num_training_batches))
+            lambda_u = linear_rampup(progress, hp.warmup_epochs, hp.lambda_u, hp.rampup_length)
+            generator = self._generator(x.device, batch_idx)
+            # network a learns from b's division and guesses with b; b symmetrically
+            loss_a, logits_a = self.mixmatch_loss(self.net_a, self.net_b, x, y, self.prob_b[index], lambda_u, generator)
+            loss_b, _ = self.mixmatch_loss(self.net_b, self.net_a, x, y, self.prob_a[index], lambda_u, generator)
+        optimizer_a.zero_grad()
+        optimizer_b.zero_grad()
+        self.manual_backward(loss_a + loss_b)  # disjoint graphs: each network gets only its own gradient
+        optimizer_a.step()
+        optimizer_b.step()
+        batch_size = int(x.shape[0])
+        self.log("train/loss_a", loss_a.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        self.log("train/loss_b", loss_b.detach(), on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log("train/lambda_u", lambda_u, on_step=False, on_epoch=True, batch_size=batch_size)
+        return {"loss": (loss_a + loss_b).detach(), "logits": logits_a}
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        schedulers = self.lr_schedulers()
+        if schedulers is not None:
+            for schedule in schedulers if isinstance(schedulers, list) else [schedulers]:
+                schedule.step()
+
+    # ------------------------------------------------------------------ evaluation
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = split_batch(batch)
+        self.val_accuracy.update(self(x), y)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        acc = self.val_accuracy.compute()
+        self.val_accuracy.reset()
+        if not self.trainer.sanity_checking:
+            self.best_acc = torch.maximum(self.best_acc, acc.to(self.best_acc))
+        self.log("test/acc", acc, prog_bar=True)
+        self.log("test/acc_best", self.best_acc)
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = split_batch(batch)
+        self.test_accuracy.update(self(x), y)
+        self.log("test/acc", self.test_accuracy, on_step=False, on_epoch=True)
+
+    # ------------------------------------------------------------------ optimisation
+    def _schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
+        hp = self.hparams
+        if hp.scheduler == "multistep":
+            return torch.optim.lr_scheduler.MultiStepLR(optimizer, self.milestones, hp.gamma)
+        if hp.scheduler == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs or 1))
+        return None
+
+    @override
+    def configure_optimizers(self) -> OptimizerLRScheduler:
+        hp = self.hparams
+        optimizers = [
+            build_optimizer(net.parameters(), hp.optimizer, hp.lr, hp.momentum, hp.weight_decay, hp.nesterov)
+            for net in (self.net_a, self.net_b)
+        ]
+        schedules = [self._schedule(optimizer) for optimizer in optimizers]
+        if schedules[0] is None:
+            return optimizers
+        return optimizers, schedules  # type: ignore[return-value]
+
