@@ -20,7 +20,7 @@ from lightning_noisy.data import (
     NoisyLabels,
     make_noisy_labels,
 )
-from lightning_noisy.methods import CoTeaching, FeatureMixup, JointOptimization, NoisyClassifier, SelfLearning
+from lightning_noisy.methods import CoTeaching, DivideMix, FeatureMixup, JointOptimization, NoisyClassifier, SelfLearning
 from lightning_noisy.metrics import CleanSelectionMetrics, RecoveryAccuracy
 from lightning_noisy.models import build_backbone
 
@@ -34,6 +34,7 @@ __all__ = [
     "CoTeaching",
     "CurriculumCallback",
     "DigitsDataModule",
+    "DivideMix",
     "FeatureMixup",
     "ForwardCorrectionCallback",
     "ImageFolderCSVDataModule",

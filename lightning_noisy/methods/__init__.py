@@ -2,8 +2,9 @@
 
 from lightning_noisy.methods.classifier import NoisyClassifier
 from lightning_noisy.methods.coteaching import CoTeaching
+from lightning_noisy.methods.dividemix import DivideMix
 from lightning_noisy.methods.feature_mixup import FeatureMixup
 from lightning_noisy.methods.joint_optimization import JointOptimization
 from lightning_noisy.methods.self_learning import SelfLearning
 
-__all__ = ["CoTeaching", "FeatureMixup", "JointOptimization", "NoisyClassifier", "SelfLearning"]
+__all__ = ["CoTeaching", "DivideMix", "FeatureMixup", "JointOptimization", "NoisyClassifier", "SelfLearning"]
