@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import multiprocessing
 import tempfile
 import time
@@ -161,6 +162,9 @@ def _detect_cleanlab(setting: Setting, workdir: Path) -> tuple[Tensor, Tensor]:
 
 
 def _retrain(setting: Setting, removed: Tensor | None, workdir: Path) -> tuple[float, float]:
+    if removed is not None and bool(removed.all()):
+        print(f"{setting.label} seed {setting.seed}: every sample was flagged; no retraining", flush=True)
+        return math.nan, math.nan
     pl.seed_everything(setting.seed, verbose=False)
     model = _classifier(setting)
     exclude = None if removed is None else torch.nonzero(removed).squeeze(1)
@@ -185,6 +189,8 @@ def run_setting(setting: Setting) -> dict[str, Any]:
             scores = selection_scores(score, ~removed, is_clean, positive="noisy")
             result[name] = {k: float(v) for k, v in scores.items()}
             result[name]["removed"] = float(removed.float().mean())
+            print(f"{setting.label} seed {setting.seed} {name}: F1 {result[name]['f1']:.3f}, "
+                  f"removed {result[name]['removed']:.3f}", flush=True)
             result[name]["retrain"] = _retrain(setting, removed, workdir)
             result[name]["seconds"] = time.perf_counter() - start
         result["CE"] = {"retrain": _retrain(setting, None, workdir)}
