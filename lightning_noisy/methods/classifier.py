@@ -57,6 +57,38 @@ def check_optimisation_args(
         raise ValueError(f"milestones must be increasing positive epochs, got {milestones}")
 
 
+def build_schedule(
+    optimizer: torch.optim.Optimizer, name: SchedulerName, milestones: list[int], gamma: float, max_epochs: int | None
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The per-epoch schedule ``name`` of ``optimizer``: ``None`` for ``"constant"``."""
+    if name == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma)
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs or 1))
+    return None
+
+
+def two_network_optimizers(module: pl.LightningModule, nets: tuple[torch.nn.Module, torch.nn.Module]) -> OptimizerLRScheduler:
+    """One optimiser (and schedule) per network from ``module.hparams``, for the two-network modules."""
+    hp = module.hparams
+    optimizers = [
+        build_optimizer(net.parameters(), hp.optimizer, hp.lr, hp.momentum, hp.weight_decay, hp.nesterov) for net in nets
+    ]
+    max_epochs = module.trainer.max_epochs
+    schedules = [build_schedule(o, hp.scheduler, list(hp.milestones or []), hp.gamma, max_epochs) for o in optimizers]
+    if schedules[0] is None:
+        return optimizers
+    return optimizers, schedules  # type: ignore[return-value]
+
+
+def step_schedules(module: pl.LightningModule) -> None:
+    """Step every learning-rate schedule of a manually optimised module once (call at the end of an epoch)."""
+    schedules = module.lr_schedulers()
+    if schedules is not None:
+        for schedule in schedules if isinstance(schedules, list) else [schedules]:
+            schedule.step()
+
+
 class NoisyClassifier(pl.LightningModule):
     """A classifier for noisy labels: backbone by name, a (robust) loss by name, SGD/AdamW and a schedule.
 
@@ -170,10 +202,5 @@ class NoisyClassifier(pl.LightningModule):
         optimizer = build_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.momentum, hp.weight_decay, hp.nesterov)
         if hp.scheduler == "constant":
             return optimizer
-        if hp.scheduler == "multistep":
-            schedule: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.MultiStepLR(
-                optimizer, self.milestones, hp.gamma
-            )
-        else:
-            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs or 1))
+        schedule = build_schedule(optimizer, hp.scheduler, self.milestones, hp.gamma, self.trainer.max_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}

@@ -28,9 +28,10 @@ from lightning_noisy.losses.regularizers import entropy_loss, prior_loss
 from lightning_noisy.methods.classifier import (
     OptimizerName,
     SchedulerName,
-    build_optimizer,
     check_optimisation_args,
     split_batch,
+    step_schedules,
+    two_network_optimizers,
 )
 from lightning_noisy.models import build_backbone
 from lightning_noisy.state import BatchContract
@@ -498,10 +499,7 @@ class DivideMix(pl.LightningModule):
 
     @override
     def on_train_epoch_end(self) -> None:
-        schedulers = self.lr_schedulers()
-        if schedulers is not None:
-            for schedule in schedulers if isinstance(schedulers, list) else [schedulers]:
-                schedule.step()
+        step_schedules(self)
 
     # ------------------------------------------------------------------ evaluation
     @override
@@ -525,23 +523,7 @@ class DivideMix(pl.LightningModule):
         self.log("test/acc", self.test_accuracy, on_step=False, on_epoch=True)
 
     # ------------------------------------------------------------------ optimisation
-    def _schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
-        hp = self.hparams
-        if hp.scheduler == "multistep":
-            return torch.optim.lr_scheduler.MultiStepLR(optimizer, self.milestones, hp.gamma)
-        if hp.scheduler == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs or 1))
-        return None
-
     @override
     def configure_optimizers(self) -> OptimizerLRScheduler:
-        hp = self.hparams
-        optimizers = [
-            build_optimizer(net.parameters(), hp.optimizer, hp.lr, hp.momentum, hp.weight_decay, hp.nesterov)
-            for net in (self.net_a, self.net_b)
-        ]
-        schedules = [self._schedule(optimizer) for optimizer in optimizers]
-        if schedules[0] is None:
-            return optimizers
-        return optimizers, schedules  # type: ignore[return-value]
+        return two_network_optimizers(self, (self.net_a, self.net_b))
 
