@@ -89,7 +89,41 @@ def step_schedules(module: pl.LightningModule) -> None:
             schedule.step()
 
 
-class NoisyClassifier(pl.LightningModule):
+class HeldOutAccuracy(pl.LightningModule):
+    """Validation and test accuracy of ``self(x)`` as ``test/acc``, and the best so far as ``test/acc_best``.
+
+    The package's DataModules validate on the held-out test split, as the papers report test accuracy per
+    epoch. Subclasses call :meth:`init_accuracy` in ``__init__``.
+    """
+
+    def init_accuracy(self, num_classes: int) -> None:
+        """Create the accuracy metrics and the checkpointed ``best_acc`` buffer."""
+        self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.register_buffer("best_acc", torch.tensor(0.0))
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = split_batch(batch)
+        self.val_accuracy.update(self(x), y)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        acc = self.val_accuracy.compute()
+        self.val_accuracy.reset()
+        if not self.trainer.sanity_checking:
+            self.best_acc = torch.maximum(self.best_acc, acc.to(self.best_acc))
+        self.log("test/acc", acc, prog_bar=True)
+        self.log("test/acc_best", self.best_acc)
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = split_batch(batch)
+        self.test_accuracy.update(self(x), y)
+        self.log("test/acc", self.test_accuracy, on_step=False, on_epoch=True)
+
+
+class NoisyClassifier(HeldOutAccuracy):
     """A classifier for noisy labels: backbone by name, a (robust) loss by name, SGD/AdamW and a schedule.
 
     It follows the batch contract: ``training_step`` takes ``x, y = batch`` (an index left in the batch
@@ -153,9 +187,7 @@ class NoisyClassifier(pl.LightningModule):
             self.criterion = get_loss("label_smoothing", smoothing=label_smoothing)
         else:
             self.criterion = get_loss(loss, **(loss_kwargs or {}))
-        self.val_accuracy = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
-        self.test_accuracy = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
-        self.register_buffer("best_acc", torch.tensor(0.0))
+        self.init_accuracy(self.num_classes)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
@@ -175,26 +207,6 @@ class NoisyClassifier(pl.LightningModule):
         loss = self.compute_loss(logits, y)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
         return {"loss": loss, "logits": logits}
-
-    @override
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = split_batch(batch)
-        self.val_accuracy.update(self(x), y)
-
-    @override
-    def on_validation_epoch_end(self) -> None:
-        acc = self.val_accuracy.compute()
-        self.val_accuracy.reset()
-        if not self.trainer.sanity_checking:
-            self.best_acc = torch.maximum(self.best_acc, acc.to(self.best_acc))
-        self.log("test/acc", acc, prog_bar=True)
-        self.log("test/acc_best", self.best_acc)
-
-    @override
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = split_batch(batch)
-        self.test_accuracy.update(self(x), y)
-        self.log("test/acc", self.test_accuracy, on_step=False, on_epoch=True)
 
     @override
     def configure_optimizers(self) -> OptimizerLRScheduler:

@@ -13,19 +13,18 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_noisy.callbacks.base import find_training_labels
 from lightning_noisy.losses.mixup import sample_mixup_lambda
 from lightning_noisy.losses.regularizers import entropy_loss, prior_loss
 from lightning_noisy.methods.classifier import (
+    HeldOutAccuracy,
     OptimizerName,
     SchedulerName,
     check_optimisation_args,
@@ -175,7 +174,7 @@ def default_augment(
 
 
 # ---------------------------------------------------------------------------------------------- module
-class DivideMix(pl.LightningModule):
+class DivideMix(HeldOutAccuracy):
     """DivideMix (Li, Socher, Hoi, ICLR 2020) with two networks and manual optimisation.
 
     *Warm-up* (epochs ``< warmup_epochs``): both networks are trained with cross-entropy on the noisy labels,
@@ -293,9 +292,7 @@ class DivideMix(pl.LightningModule):
             self.net_a: nn.Module = build_backbone(backbone, self.num_classes, **kwargs)
             torch.manual_seed(seed + 1)
             self.net_b: nn.Module = build_backbone(backbone, self.num_classes, **kwargs)
-        self.val_accuracy = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
-        self.test_accuracy = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
-        self.register_buffer("best_acc", torch.tensor(0.0))
+        self.init_accuracy(self.num_classes)
         # clean probabilities [N] of the last co-divide (all ones before the first one)
         self.register_buffer("prob_a", torch.zeros(0))
         self.register_buffer("prob_b", torch.zeros(0))
@@ -500,27 +497,6 @@ class DivideMix(pl.LightningModule):
     @override
     def on_train_epoch_end(self) -> None:
         step_schedules(self)
-
-    # ------------------------------------------------------------------ evaluation
-    @override
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = split_batch(batch)
-        self.val_accuracy.update(self(x), y)
-
-    @override
-    def on_validation_epoch_end(self) -> None:
-        acc = self.val_accuracy.compute()
-        self.val_accuracy.reset()
-        if not self.trainer.sanity_checking:
-            self.best_acc = torch.maximum(self.best_acc, acc.to(self.best_acc))
-        self.log("test/acc", acc, prog_bar=True)
-        self.log("test/acc_best", self.best_acc)
-
-    @override
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = split_batch(batch)
-        self.test_accuracy.update(self(x), y)
-        self.log("test/acc", self.test_accuracy, on_step=False, on_epoch=True)
 
     # ------------------------------------------------------------------ optimisation
     @override
