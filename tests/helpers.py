@@ -6,7 +6,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -56,6 +58,24 @@ class PlainClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class SpawnDDPStrategy(DDPStrategy):
+    """``ddp_spawn`` that destroys the process group when the worker is done with it.
+
+    Lightning leaves the gloo group alive when a spawned worker returns; the worker then exits with gloo's
+    threads still holding work, and interpreter shutdown aborts it now and then (SIGABRT, "terminate called
+    without an active exception"; pytorch/pytorch#190489). Destroying the group after the strategy's own
+    teardown closes it while the interpreter is whole.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(start_method="spawn")
+
+    def teardown(self) -> None:
+        super().teardown()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def trainer(**kwargs: Any) -> pl.Trainer:

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 from aum import AUMCalculator
+from helpers import NUM_CLASSES, NUM_FEATURES, PlainClassifier, SpawnDDPStrategy, toy_dataset, trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
-from helpers import NUM_CLASSES, NUM_FEATURES, PlainClassifier, toy_dataset, trainer
 from lightning_noisy.aum_combine import combine_flag_files
 from lightning_noisy.aum_combine import main as combine_main
 from lightning_noisy.callbacks.aum import AUMCallback, combine_aum_runs, margins, threshold_sample_mask
@@ -152,7 +152,7 @@ class RankChecker(AUMCallback):
 @pytest.mark.ddp
 def test_aum_and_flags_identical_on_two_ranks_and_equal_to_one_process() -> None:
     dataset = toy_dataset(n=30, noisy_every=3)
-    trainer(devices=2, strategy="ddp_spawn", max_epochs=2, callbacks=[RankChecker()]).fit(
+    trainer(devices=2, strategy=SpawnDDPStrategy(), max_epochs=2, callbacks=[RankChecker()]).fit(
         ThresholdClassifier(), DataLoader(dataset, batch_size=4, shuffle=True)
     )
 

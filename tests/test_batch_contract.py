@@ -8,9 +8,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import NUM_CLASSES, PlainClassifier, SpawnDDPStrategy, toy_dataset, toy_loader, trainer
 from torch import Tensor
 
-from helpers import NUM_CLASSES, PlainClassifier, toy_dataset, toy_loader, trainer
 from lightning_noisy.callbacks.base import SampleStateCallback
 from lightning_noisy.state import StepContext
 
@@ -115,7 +115,7 @@ class DDPProbe(SoftTargetProbe):
 @pytest.mark.ddp
 def test_contract_under_two_process_ddp() -> None:
     model = PlainClassifier()
-    trainer(devices=2, strategy="ddp_spawn", callbacks=[DDPProbe(term_weight=0.1)]).fit(
+    trainer(devices=2, strategy=SpawnDDPStrategy(), callbacks=[DDPProbe(term_weight=0.1)]).fit(
         model, toy_loader(toy_dataset(n=20), batch_size=4)
     )
 

@@ -10,10 +10,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import PlainClassifier, SpawnDDPStrategy, toy_dataset, trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from helpers import PlainClassifier, toy_dataset, trainer
 from lightning_noisy.callbacks.co_divide import CoDivideCallback, clean_probability, normalise_losses
 from lightning_noisy.data.sampler import EpochShuffleSampler
 
@@ -107,7 +107,7 @@ class RankChecker(CoDivideCallback):
 @pytest.mark.ddp
 def test_division_identical_on_two_ranks_and_equal_to_one_process() -> None:
     dataset = toy_dataset(n=30, noisy_every=3)
-    trainer(devices=2, strategy="ddp_spawn", max_epochs=2, callbacks=[RankChecker(batch_size=4)]).fit(
+    trainer(devices=2, strategy=SpawnDDPStrategy(), max_epochs=2, callbacks=[RankChecker(batch_size=4)]).fit(
         PlainClassifier(), DataLoader(dataset, batch_size=4, shuffle=True)
     )
 

@@ -9,9 +9,19 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    NUM_CLASSES,
+    TABLE,
+    N,
+    PlainClassifier,
+    ScriptedClassifier,
+    SpawnDDPStrategy,
+    scripted_data,
+    toy_dataset,
+    trainer,
+)
 from torch.utils.data import DataLoader
 
-from helpers import NUM_CLASSES, TABLE, N, PlainClassifier, ScriptedClassifier, scripted_data, toy_dataset, trainer
 from lightning_noisy.callbacks import LabelCorrectionCallback
 from lightning_noisy.data.sampler import EpochShuffleSampler
 from lightning_noisy.state.label_rules import hard_labels, soft_labels, top_k_hard_labels, update_labels
@@ -91,7 +101,7 @@ class StoreChecker(LabelCorrectionCallback):
 def test_label_store_identical_on_two_ranks_and_covers_every_index_once() -> None:
     callback = StoreChecker(update="soft", num_average_epochs=3, start_epoch=0)
     # 11 samples on 2 ranks: DistributedSampler pads with a duplicate index
-    trainer(devices=2, strategy="ddp_spawn", max_epochs=3, callbacks=[callback]).fit(
+    trainer(devices=2, strategy=SpawnDDPStrategy(), max_epochs=3, callbacks=[callback]).fit(
         ScriptedClassifier(), DataLoader(scripted_data(N + 1), batch_size=3, shuffle=True)
     )
 
