@@ -22,6 +22,7 @@ from typing_extensions import override
 
 TRACKED = (
     "test/acc", "train/loss", "noisy/recovery_acc", "noisy/train_pred_acc", "noisy/changed_frac", "noisy/transition_mae",
+    "noisy/codivide_auroc",
 )
 
 

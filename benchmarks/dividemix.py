@@ -1,0 +1,227 @@
+"""The semi-supervised family on MNIST-1D: DivideMix against CE, Joint Optimization, SelfLearning, FeatureMixup.
+
+    .venv/bin/python benchmarks/dividemix.py                         # canonical 4,000 / 1,000 split, 3 seeds
+    .venv/bin/python benchmarks/dividemix.py --num-samples 25000 --seeds 0 \\
+        --settings sym:0.5 sym:0.8 asym:0.4                          # the 20,000-sample variant
+    .venv/bin/python benchmarks/dividemix.py --skip-accuracy         # only the co-divide pass cost
+
+Accuracy: every method's ``configs/mnist1d_*.yaml`` (100 epochs each) at every noise setting and seed
+(the seed seeds both the run and the label noise); best and last test accuracy, mean ± std over the
+seeds, in %. DivideMix takes the per-setting ``lambda_u`` and ``p_threshold`` of the paper's CIFAR-10
+table (Appendix B, Table 7) and the warm-up confidence penalty at asymmetric noise (Sec. 3.1). Also
+printed: DivideMix's co-divide AUROC (clean probability of network a's division against the true clean
+mask) at its last epoch, and the median seconds per training epoch of each method with its ratio to CE.
+
+Cost: on ``--cost-samples`` training samples (default 40,000), the ``CoDivideCallback`` loss pass of a
+cnn1d classifier against a plain eval-mode forward pass over the same loader, and the 2-component GMM
+(``clean_probability``) on 1e6 losses; medians of ``--cost-repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from common import RunResult, markdown_table, mean_spread, noise_overrides, run_many
+
+METHODS: dict[str, str] = {
+    "CE": "configs/mnist1d_ce.yaml",
+    "Joint Optimization": "configs/mnist1d_joint_optimization.yaml",
+    "DivideMix": "configs/mnist1d_dividemix.yaml",
+    "SelfLearning": "configs/mnist1d_self_learning.yaml",
+    "FeatureMixup": "configs/mnist1d_feature_mixup.yaml",
+}
+DEFAULT_SETTINGS = ("sym:0.2", "sym:0.5", "sym:0.8", "sym:0.9", "asym:0.4")
+KINDS = {"sym": "symmetric", "asym": "asymmetric"}
+
+
+def dividemix_overrides(kind: str, rate: float) -> list[str]:
+    """DivideMix's per-setting hyperparameters: the paper's CIFAR-10 values (Appendix B, Table 7).
+
+    ``lambda_u`` 0 at 20% symmetric and at asymmetric noise, 25 at 50% and 80%, 50 at 90% with
+    ``p_threshold`` 0.6; the warm-up confidence penalty (weight 1) only for asymmetric noise.
+    """
+    if kind == "asymmetric":
+        return ["--model.init_args.lambda_u=0", "--model.init_args.penalty_weight=1.0"]
+    if rate <= 0.2:
+        return ["--model.init_args.lambda_u=0"]
+    if rate >= 0.9:
+        return ["--model.init_args.lambda_u=50", "--model.init_args.p_threshold=0.6"]
+    return ["--model.init_args.lambda_u=25"]
+
+
+def parse_setting(text: str) -> tuple[str, float]:
+    """``sym:0.5`` -> ``("symmetric", 0.5)``; ``asym:0.4`` -> ``("asymmetric", 0.4)``."""
+    kind, _, rate = text.partition(":")
+    if kind not in KINDS:
+        raise ValueError(f"a setting is sym:RATE or asym:RATE, got {text!r}")
+    try:
+        value = float(rate)
+    except ValueError:
+        raise ValueError(f"the rate of setting {text!r} must be a number, got {rate!r}") from None
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"the rate of setting {text!r} must be in (0, 1), got {value}")
+    return KINDS[kind], value
+
+
+def label(kind: str, rate: float) -> str:
+    return f"{'sym.' if kind == 'symmetric' else 'asym.'} {rate:.0%}"
+
+
+def run_accuracy(
+    methods: Sequence[str], settings: Sequence[tuple[str, float]], seeds: Sequence[int], num_samples: int | None,
+    jobs: int, extra: Sequence[str],
+) -> dict[tuple[str, tuple[str, float]], list[RunResult]]:
+    grid = [(m, s, seed) for s in settings for m in methods for seed in seeds]
+    specs = []
+    for method, (kind, rate), seed in grid:
+        overrides = noise_overrides(kind, rate, num_samples)
+        if method == "DivideMix":
+            overrides += dividemix_overrides(kind, rate)
+        specs.append((METHODS[method], [*overrides, *extra], seed))
+    results: dict[tuple[str, tuple[str, float]], list[RunResult]] = {}
+    for (method, setting, _), result in zip(grid, run_many(specs, processes=jobs)):
+        results.setdefault((method, setting), []).append(result)
+    return results
+
+
+def last_auroc(run: RunResult) -> float:
+    values = [row["noisy/codivide_auroc"] for row in run.history if "noisy/codivide_auroc" in row]
+    return values[-1] if values else math.nan
+
+
+def accuracy_tables(
+    results: dict[tuple[str, tuple[str, float]], list[RunResult]], methods: Sequence[str],
+    settings: Sequence[tuple[str, float]],
+) -> str:
+    header = ["method", *(label(*s) for s in settings)]
+    parts = []
+    for title, field in (("Best test accuracy (%)", "best_acc"), ("Last test accuracy (%)", "last_acc")):
+        rows = []
+        for method in methods:
+            cells = [mean_spread(getattr(r, field) for r in results[(method, s)]) for s in settings]
+            if field == "last_acc" and method == "DivideMix":
+                gaps = [mean_spread(r.best_acc - r.last_acc for r in results[(method, s)]) for s in settings]
+                rows.append([method, *cells])
+                rows.append(["DivideMix best - last", *gaps])
+                continue
+            rows.append([method, *cells])
+        parts += [title + ":", "", markdown_table(header, rows), ""]
+    if "DivideMix" in methods:
+        auroc = [mean_spread(last_auroc(r) for r in results[("DivideMix", s)]) for s in settings]
+        parts += ["DivideMix co-divide AUROC at the last epoch (%):", "",
+                  markdown_table(header, [["DivideMix", *auroc]]), ""]
+    if "CE" in methods:
+        rows = []
+        ce = statistics.median(r.epoch_s for s in settings for r in results[("CE", s)])
+        for method in methods:
+            seconds = statistics.median(r.epoch_s for s in settings for r in results[(method, s)])
+            rows.append([method, f"{seconds:.3f}", f"{seconds / ce:.2f}"])
+        parts += ["Median seconds per training epoch over all runs (one torch thread per run):", "",
+                  markdown_table(["method", "s / epoch", "ratio to CE"], rows), ""]
+    return "\n".join(parts)
+
+
+def codivide_cost(num_samples: int, repeats: int, gmm_samples: int) -> str:
+    """The co-divide loss pass against a plain forward pass over the same loader, and the GMM's cost."""
+    import lightning.pytorch as pl
+    import torch
+
+    from lightning_noisy.callbacks import CoDivideCallback
+    from lightning_noisy.callbacks.co_divide import clean_probability
+    from lightning_noisy.data import MNIST1DDataModule
+    from lightning_noisy.methods import NoisyClassifier
+
+    torch.set_num_threads(1)
+    pl.seed_everything(0, verbose=False)
+    data = MNIST1DDataModule(num_samples=int(num_samples / 0.8), train_split=0.8, noise_type="symmetric",
+                             noise_rate=0.4, batch_size=128)
+    model = NoisyClassifier(backbone="cnn1d", num_classes=10, lr=0.1)
+    callback = CoDivideCallback(start_epoch=0)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[callback],
+    )
+    trainer.fit(model, data)
+    loader = data.train_eval_dataloader()
+
+    def forward_pass() -> float:
+        start = time.perf_counter()
+        model.eval()
+        with torch.no_grad():
+            for x, _, _ in loader:
+                model(x)
+        return time.perf_counter() - start
+
+    forward, loss_pass = [], []
+    for _ in range(repeats):  # alternating, so that load from elsewhere affects both alike
+        forward.append(forward_pass())
+        callback.compute_losses(trainer, model)
+        loss_pass.append(callback.last_pass_seconds)
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.rand(gmm_samples, generator=generator) < 0.6
+    losses = torch.where(clean, 0.2, 2.0) + 0.3 * torch.rand(gmm_samples, generator=generator)
+    gmm = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        clean_probability(losses)
+        gmm.append(time.perf_counter() - start)
+    f, p, g = statistics.median(forward), statistics.median(loss_pass), statistics.median(gmm)
+    rows = [
+        ["plain eval forward pass", f"{f:.3f}", "—"],
+        ["CoDivideCallback loss pass (per-sample CE, gather)", f"{p:.3f}", f"{p / f:.2f}"],
+        [f"GMM on {gmm_samples:.0e} losses", f"{g:.3f}", f"{g * 1e6 / gmm_samples:.3f} s per 1e6"],
+    ]
+    return (f"Co-divide cost, {num_samples} training samples, cnn1d, one torch thread, median of {repeats}:\n\n"
+            + markdown_table(["step", "seconds", "ratio / rate"], rows))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), help="sym:RATE or asym:RATE")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--num-samples", type=int, default=None, help="MNIST-1D samples, 80%% for training "
+                        "(default: each config's own, the canonical 5,000)")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
+    parser.add_argument("--override", action="append", default=[], metavar="ARG",
+                        help="a CLI override for every run, as --override=--trainer.max_epochs=5 (repeatable)")
+    parser.add_argument("--skip-accuracy", action="store_true", help="only measure the co-divide cost")
+    parser.add_argument("--skip-cost", action="store_true", help="only run the accuracy grid")
+    parser.add_argument("--cost-samples", type=int, default=40_000)
+    parser.add_argument("--cost-repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="folder for the tables and runs")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    try:
+        settings = [parse_setting(s) for s in args.settings]
+    except ValueError as err:
+        parser.error(str(err))
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = f"_{args.num_samples}" if args.num_samples else ""
+    report = []
+    if not args.skip_accuracy:
+        start = time.perf_counter()
+        print(f"{len(args.methods)} methods x {len(settings)} settings x {len(args.seeds)} seeds", flush=True)
+        results = run_accuracy(args.methods, settings, args.seeds, args.num_samples, args.jobs, args.override)
+        report.append(accuracy_tables(results, args.methods, settings))
+        report.append(f"({time.perf_counter() - start:.0f} s wall, {args.jobs} jobs)\n")
+        runs = [{"method": m, "setting": label(*s), **dataclasses.asdict(r)} for (m, s), rs in results.items()
+                for r in rs]
+        (args.out / f"dividemix{suffix}.json").write_text(json.dumps(runs, indent=1, default=str))
+    if not args.skip_cost:
+        report.append(codivide_cost(args.cost_samples, args.cost_repeats, 1_000_000))
+    text = "\n".join(report)
+    print(text)
+    (args.out / f"dividemix{suffix}.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
