@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels, log_histogram
 from lightning_noisy.metrics.selection import selection_scores
+from lightning_noisy.seeding import stream_generator
 from lightning_noisy.state import SampleBuffer, SampleRecorder, StepContext
 
 #: columns of the ``aum`` package's ``aum_values.csv`` (sorted by ``aum``, largest first)
@@ -27,10 +28,9 @@ FLAG_CSV_COLUMNS = ("sample_id", "aum", "threshold_sample", "flagged")
 def margins(logits: Tensor, assigned: Tensor) -> Tensor:
     """Margin ``z[assigned] - max_{k != assigned} z[k]`` of pre-softmax ``logits [B, K]``: ``[B]`` float32."""
     logits = logits.detach().float()
-    assigned_logit = logits.gather(1, assigned.view(-1, 1)).squeeze(1)
-    top2 = logits.topk(2, dim=1)  # the largest other logit is the top one unless that is the assigned class
-    largest_other = torch.where(top2.indices[:, 0] == assigned, top2.values[:, 1], top2.values[:, 0])
-    return assigned_logit - largest_other
+    column = assigned.view(-1, 1)
+    largest_other = logits.scatter(1, column, float("-inf")).amax(dim=1, keepdim=True)  # assigned logit masked
+    return (logits.gather(1, column) - largest_other).squeeze(1)
 
 
 def threshold_sample_mask(
@@ -38,7 +38,8 @@ def threshold_sample_mask(
 ) -> Tensor:
     """``[N]`` bool: the threshold samples of run ``run``; the runs of one ``seed`` draw disjoint sets.
 
-    A random permutation of the samples (fixed by ``seed``) is cut into consecutive blocks of
+    A random permutation of the samples (fixed by ``seed``, from a stream of its own so that it is not the
+    shuffling sampler's epoch-0 order for the same seed) is cut into consecutive blocks of
     ``floor(fraction * N)`` samples, ``fraction = 1 / (C + 1)`` by default (Pleiss et al. 2020, Sec. 3);
     run ``r`` takes block ``r``. So ``C + 1`` runs at most, and together they cover every sample once
     when ``fraction = 1 / (C + 1)``.
@@ -51,7 +52,7 @@ def threshold_sample_mask(
         raise ValueError(f"threshold_fraction={fraction} of {num_samples} samples leaves no threshold sample")
     if not 0 <= run < num_samples // size:
         raise ValueError(f"threshold_run must be in [0, {num_samples // size}) for this fraction, got {run}")
-    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(num_samples, generator=stream_generator(seed, "aum-threshold"))
     mask = torch.zeros(num_samples, dtype=torch.bool)
     mask[order[run * size : (run + 1) * size]] = True
     return mask
@@ -214,7 +215,7 @@ class AUMCallback(SampleStateCallback):
         device = context.index.device
         if self._device_assigned is None or self._device_assigned.device != device:
             self._device_assigned = self._assigned.to(device)
-        self.contract.set_targets(self._device_assigned[context.index])
+        self.contract.set_targets(self._device_assigned.index_select(0, context.index))
 
     @override
     def on_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_noisy.seeding import stream_generator
+
 __all__ = [
     "CIFAR10N_LABEL_KEYS",
     "CIFAR10_ASYMMETRIC_MAP",
@@ -230,7 +232,9 @@ def symmetric_noise(
     n = clean.numel()
     if exact:
         selected = torch.zeros(n, dtype=torch.bool)
-        selected[torch.randperm(n, generator=gen)[: round(rate * n)]] = True
+        # a stream of its own: with ``gen``'s, the flipped samples would lead the sampler's epoch-0 order
+        order = torch.randperm(n, generator=stream_generator(_check_seed(seed), "exact-noise"))
+        selected[order[: round(rate * n)]] = True
     else:
         selected = torch.rand(n, generator=gen, dtype=torch.float64) < rate
     if include_true_class:
