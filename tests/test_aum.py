@@ -56,6 +56,11 @@ def test_margin_is_assigned_logit_minus_largest_other() -> None:
     assert margins(logits, torch.tensor([1, 2])).tolist() == pytest.approx([5.0 - 2.0, 0.1 - 0.5])
 
 
+def test_margin_is_zero_when_the_assigned_logit_ties_the_largest_other() -> None:
+    logits = torch.tensor([[3.0, 3.0, 1.0], [-2.0, -2.0, -2.0]])
+    assert margins(logits, torch.tensor([0, 2])).tolist() == [0.0, 0.0]
+
+
 def test_aum_threshold_and_flags_equal_the_aum_package(tmp_path: Path) -> None:
     callback = AUMCallback(start_epoch=1, percentile=99.0, output_dir=str(tmp_path))
     model = _fit(callback, epochs=4, n=32, batch_size=8)

@@ -90,6 +90,7 @@ class SampleStateCallback(Callback):
 
     def __init__(self, key: str | None = None) -> None:
         self.key = key
+        self._state_key: tuple[str | None, str] | None = None
         self.contract: BatchContract | None = None
         self.context: StepContext | None = None
         self.training_labels: TrainingLabels | None = None
@@ -100,7 +101,10 @@ class SampleStateCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(key=self.key)
+        # Lightning reads this at every hook call (profiler action names): build the string once per key
+        if self._state_key is None or self._state_key[0] != self.key:
+            self._state_key = (self.key, self._generate_state_key(key=self.key))
+        return self._state_key[1]
 
     # -- hooks for subclasses ------------------------------------------------------------------
     def allocate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, labels: TrainingLabels) -> None:
