@@ -9,6 +9,10 @@ number of epochs everywhere:
 - **Co-teaching**: ``CoTeaching`` with the forget rate set to the noise rate (Han et al. 2018); after
   training, the ``1 - rate`` share of the training set with the smallest loss (mean of both networks,
   eval mode) is kept; the loss is the AUROC score.
+- **co-divide**: ``DivideMix`` (warm-up 10 epochs, the paper's CIFAR-10 setting, and its per-setting
+  ``lambda_u``); after training, each network's per-sample losses are divided by the 2-component GMM
+  (``clean_probability``) and the two clean probabilities averaged; a sample is removed when that
+  average is at most 0.5 (``p_threshold``); the average is the AUROC score.
 - **cleanlab**: ``cleanlab.filter.find_label_issues`` on 5-fold out-of-fold predicted probabilities of
   the same network and epochs (one fit per fold, the fold left out with ``exclude_file``); the AUROC
   score is ``cleanlab.rank.get_label_quality_scores``.
@@ -43,15 +47,17 @@ from torch import Tensor
 
 from lightning_noisy.callbacks import AUMCallback
 from lightning_noisy.callbacks.aum import combine_aum_runs
+from lightning_noisy.callbacks.co_divide import clean_probability
 from lightning_noisy.data import MNIST1DDataModule
-from lightning_noisy.methods import CoTeaching, NoisyClassifier
+from lightning_noisy.methods import CoTeaching, DivideMix, NoisyClassifier
 from lightning_noisy.metrics.selection import selection_scores
 
 from common import ASYMMETRIC_CLASS_MAP, markdown_table, mean_spread
+from dividemix import dividemix_settings
 
 NUM_CLASSES = 10
 SETTINGS = (("symmetric", 0.2), ("symmetric", 0.4), ("asymmetric", 0.4))
-DETECTORS = ("AUM", "Co-teaching", "cleanlab")
+DETECTORS = ("AUM", "Co-teaching", "co-divide", "cleanlab")
 METRICS = ("precision", "recall", "f1", "auroc")
 
 
@@ -138,6 +144,20 @@ def _detect_coteaching(setting: Setting, workdir: Path) -> tuple[Tensor, Tensor]
     return removed, -losses
 
 
+def _detect_codivide(setting: Setting, workdir: Path) -> tuple[Tensor, Tensor]:
+    pl.seed_everything(setting.seed, verbose=False)
+    datamodule = _datamodule(setting, None, workdir)
+    model = DivideMix(backbone="cnn1d", num_classes=NUM_CLASSES, warmup_epochs=10, seed=setting.seed,
+                      optimizer="sgd", lr=0.1, **dividemix_settings(setting.kind, setting.rate))
+    _fit(model, datamodule, setting.epochs)
+    loader, n = datamodule.train_eval_dataloader(), datamodule.noisy_labels.numel()
+    probability = torch.stack([
+        clean_probability(model.per_sample_losses(net, loader, n).cpu(), seed=setting.seed)
+        for net in (model.net_a, model.net_b)
+    ]).mean(0)
+    return probability <= model.hparams.p_threshold, probability
+
+
 def _detect_cleanlab(setting: Setting, workdir: Path) -> tuple[Tensor, Tensor]:
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
@@ -183,7 +203,7 @@ def run_setting(setting: Setting) -> dict[str, Any]:
         probe = _datamodule(setting, None, workdir)
         probe.setup("fit")
         is_clean = probe.noisy_labels == probe.clean_labels
-        for name, detect in zip(DETECTORS, (_detect_aum, _detect_coteaching, _detect_cleanlab)):
+        for name, detect in zip(DETECTORS, (_detect_aum, _detect_coteaching, _detect_codivide, _detect_cleanlab)):
             start = time.perf_counter()
             removed, score = detect(setting, workdir)
             scores = selection_scores(score, ~removed, is_clean, positive="noisy")

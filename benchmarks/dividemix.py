@@ -41,19 +41,24 @@ DEFAULT_SETTINGS = ("sym:0.2", "sym:0.5", "sym:0.8", "sym:0.9", "asym:0.4")
 KINDS = {"sym": "symmetric", "asym": "asymmetric"}
 
 
-def dividemix_overrides(kind: str, rate: float) -> list[str]:
+def dividemix_settings(kind: str, rate: float) -> dict[str, float]:
     """DivideMix's per-setting hyperparameters: the paper's CIFAR-10 values (Appendix B, Table 7).
 
-    ``lambda_u`` 0 at 20% symmetric and at asymmetric noise, 25 at 50% and 80%, 50 at 90% with
-    ``p_threshold`` 0.6; the warm-up confidence penalty (weight 1) only for asymmetric noise.
+    ``lambda_u`` 0 at 20% symmetric and at asymmetric noise, 25 at 50% and 80% (and in between), 50 at
+    90% with ``p_threshold`` 0.6; the warm-up confidence penalty (weight 1) only for asymmetric noise.
     """
     if kind == "asymmetric":
-        return ["--model.init_args.lambda_u=0", "--model.init_args.penalty_weight=1.0"]
+        return {"lambda_u": 0.0, "penalty_weight": 1.0}
     if rate <= 0.2:
-        return ["--model.init_args.lambda_u=0"]
+        return {"lambda_u": 0.0}
     if rate >= 0.9:
-        return ["--model.init_args.lambda_u=50", "--model.init_args.p_threshold=0.6"]
-    return ["--model.init_args.lambda_u=25"]
+        return {"lambda_u": 50.0, "p_threshold": 0.6}
+    return {"lambda_u": 25.0}
+
+
+def dividemix_overrides(kind: str, rate: float) -> list[str]:
+    """:func:`dividemix_settings` as CLI overrides."""
+    return [f"--model.init_args.{name}={value}" for name, value in dividemix_settings(kind, rate).items()]
 
 
 def parse_setting(text: str) -> tuple[str, float]:
