@@ -18,7 +18,7 @@ from lightning_noisy.methods.dividemix import (
     sharpen,
     uniform_prior_penalty,
 )
-from tests.helpers import trainer
+from tests.helpers import SpawnDDPStrategy, trainer
 
 
 # ---------------------------------------------------------------------------------------------- pure functions
@@ -163,3 +163,23 @@ def test_resume_parity_at_epoch_boundary(tmp_path: Path, one_thread: None) -> No
     for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
     assert not torch.equal(straight.prob_a, first.prob_a)  # the third epoch did co-divide again
+
+
+class RankCheckedDivideMix(DivideMix):
+    """Asserts at every epoch end that both ranks hold the same divisions and the same weights."""
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        assert self.trainer.world_size == 2
+        if self.current_epoch >= self.hparams.warmup_epochs:
+            assert not torch.equal(self.prob_a, torch.ones_like(self.prob_a)), "no co-divide happened"
+        state = torch.cat([self.prob_a, self.prob_b, *(p.detach().flatten() for p in self.parameters())])
+        gathered = self.all_gather(state)
+        assert torch.equal(gathered[0], gathered[1]), f"the ranks differ at epoch {self.current_epoch}"
+
+
+@pytest.mark.ddp
+def test_two_ranks_hold_the_same_divisions_and_weights() -> None:
+    # each rank runs the co-divide pass over the full training set; MixMatch steps are synchronised by DDP
+    model = RankCheckedDivideMix(backbone="cnn1d", warmup_epochs=1, lambda_u=10.0, rampup_length=1, seed=0)
+    trainer(devices=2, strategy=SpawnDDPStrategy(), max_epochs=3).fit(model, datamodule=_data(300, batch_size=32))

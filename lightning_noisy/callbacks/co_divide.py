@@ -269,6 +269,7 @@ class CoDivideCallback(SampleStateCallback):
         rank, world = trainer.global_rank, trainer.world_size
         recorder = SampleRecorder((), torch.float32)
         was_training = pl_module.training
+        device = pl_module.device
         pl_module.eval()
         try:
             with torch.no_grad():
@@ -277,10 +278,10 @@ class CoDivideCallback(SampleStateCallback):
                         continue
                     if not isinstance(batch, (list, tuple)) or len(batch) != 3:
                         raise ValueError("CoDivideCallback's loss pass needs batches [input, target, index]")
-                    x = move_data_to_device(batch[0], pl_module.device)
-                    targets = batch[1].to(pl_module.device, torch.long)
+                    x = batch[0]
+                    x = x.to(device) if isinstance(x, Tensor) else move_data_to_device(x, device)
                     logits = model_fn(pl_module, x)
-                    losses = F.cross_entropy(logits.float(), targets, reduction="none")
+                    losses = F.cross_entropy(logits.float(), batch[1].to(device, torch.long), reduction="none")
                     recorder.add(batch[2].to(torch.long), losses)
         finally:
             pl_module.train(was_training)

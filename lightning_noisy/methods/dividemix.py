@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, default_collate
 from typing_extensions import override
 
 from lightning_noisy.callbacks.base import find_training_labels
@@ -189,20 +189,27 @@ class DivideMix(HeldOutAccuracy):
     price is that the pass is not split between ranks). The divisions are registered buffers ``[N]``, so
     checkpoints hold them.
 
-    *MixMatch training* (after warm-up): each training batch ``[x, y, index]`` is split into a labelled part
-    (``prob_peer[index] > p_threshold``) and an unlabelled part. Each sample gets two augmentations; labelled
-    targets are co-refined (:func:`co_refine` with ``w = prob_peer[index]``), unlabelled ones co-guessed
-    (:func:`co_guess`, the peer in eval mode). All inputs and targets are concatenated and mixed with a random
-    permutation of themselves (``l = max(l, 1 - l)``, ``l ~ Beta(alpha, alpha)``); the loss is the soft
-    cross-entropy on the labelled part, plus ``linear_rampup(...)`` times the mean squared error between
-    softmax and targets on the unlabelled part, plus the uniform-prior penalty on the whole mixed batch. An
-    empty part in a batch drops its term. Network a is trained with network b's division and b as co-guessing
-    peer, and vice versa: both losses are computed from the networks as they are at the start of the batch,
-    backpropagated together (disjoint graphs) and both optimisers step, which keeps DDP simple.
+    *MixMatch training* (after warm-up): the training loader drives the labelled set. For each network, the
+    samples of a training batch ``[x, y, index]`` that its peer's division labels (``prob_peer[index] >
+    p_threshold``) form the labelled batch, and as many samples drawn with replacement from the peer's
+    unlabelled set (through the training dataset) form the unlabelled batch. So each epoch goes once over the
+    labelled set with an equal number of unlabelled samples, as the reference code's two loaders do (the
+    batch size varies with the labelled share instead of the epoch length). Each sample gets two
+    augmentations; labelled targets are co-refined (:func:`co_refine` with ``w = prob_peer[index]``),
+    unlabelled ones co-guessed (:func:`co_guess`, the peer in eval mode). All inputs and targets are
+    concatenated and mixed with a random permutation of themselves (``l = max(l, 1 - l)``,
+    ``l ~ Beta(alpha, alpha)``); the loss is the soft cross-entropy on the labelled part, plus
+    ``linear_rampup(...)`` times the mean squared error between softmax and targets on the unlabelled part,
+    plus the uniform-prior penalty on the whole mixed batch. A batch without a labelled sample does not train
+    that network (a zero loss that keeps its graph, for DDP); an empty unlabelled set drops its term. Network
+    a is trained with network b's division and b as co-guessing peer, and vice versa: both losses are
+    computed from the networks as they are at the start of the batch, backpropagated together (disjoint
+    graphs) and both optimisers step, which keeps DDP simple. When a callback uses the batch contract, the
+    step returns network a's logits on the whole batch (one extra no-gradient forward pass).
 
-    The augmentations and mixup draw from a generator seeded by ``(seed, epoch, batch_idx, rank)`` when the
-    default augmentation is used, so a run resumed from an epoch-boundary checkpoint repeats the uninterrupted
-    one; a user ``augment`` callable draws from torch's global RNG.
+    The augmentations, unlabelled draws and mixup draw from a generator seeded by ``(seed, epoch, batch_idx,
+    rank)`` when the default augmentation is used, so a run resumed from an epoch-boundary checkpoint repeats
+    the uninterrupted one; with a user ``augment`` callable they draw from torch's global RNG.
 
     Evaluation predicts with the average softmax of both networks. Logged: ``train/loss_a``, ``train/loss_b``,
     ``train/lambda_u``; ``test/acc``, ``test/acc_best``; at each co-divide ``codivide/labelled_fraction``
@@ -297,6 +304,8 @@ class DivideMix(HeldOutAccuracy):
         self.register_buffer("prob_a", torch.zeros(0))
         self.register_buffer("prob_b", torch.zeros(0))
         self._is_clean: Tensor | None = None
+        self._unlabelled_pools: tuple[Tensor, Tensor] = (torch.zeros(0, dtype=torch.long),) * 2
+        self._empty_input: Tensor = torch.zeros(0)
 
     # ------------------------------------------------------------------ prediction
     @override
@@ -328,17 +337,19 @@ class DivideMix(HeldOutAccuracy):
         return self.current_epoch < self.hparams.warmup_epochs
 
     # ------------------------------------------------------------------ co-divide
+    def _train_dataset(self) -> Dataset:
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if dataset is None:
+            raise RuntimeError("DivideMix needs the training set (co-divide and unlabelled draws): fit it with a "
+                               "DataLoader over an indexed map-style dataset, or a DataModule that has one")
+        return dataset
+
     def _eval_loader(self) -> DataLoader:
-        datamodule = self.trainer.datamodule
-        make = getattr(datamodule, "train_eval_dataloader", None)
+        make = getattr(self.trainer.datamodule, "train_eval_dataloader", None)
         if callable(make):
             return make()
-        loader = self.trainer.train_dataloader
-        dataset = getattr(loader, "dataset", None)
-        if dataset is None:
-            raise RuntimeError("DivideMix needs the training set for co-divide: use a DataModule with "
-                               "train_eval_dataloader() or a DataLoader over an indexed dataset")
-        return DataLoader(dataset, batch_size=getattr(loader, "batch_size", None) or 128, shuffle=False)
+        batch_size = getattr(self.trainer.train_dataloader, "batch_size", None) or 128
+        return DataLoader(self._train_dataset(), batch_size=batch_size, shuffle=False)
 
     @torch.no_grad()
     def per_sample_losses(self, net: nn.Module, loader: DataLoader, num_samples: int) -> Tensor:
@@ -370,6 +381,9 @@ class DivideMix(HeldOutAccuracy):
             prob = clean_probability(losses.cpu(), max_iter=hp.gmm_max_iter, reg_covar=hp.gmm_reg_covar, seed=hp.seed)
             getattr(self, name).copy_(prob.to(self.prob_a))
         threshold = hp.p_threshold
+        # network a is trained with b's division and b with a's: their unlabelled sets, as CPU indices
+        self._unlabelled_pools = (torch.nonzero(self.prob_b <= threshold).flatten().cpu(),
+                                  torch.nonzero(self.prob_a <= threshold).flatten().cpu())
         fraction = ((self.prob_a > threshold).float().mean() + (self.prob_b > threshold).float().mean()) / 2
         self.log("codivide/labelled_fraction", fraction)
         if self._is_clean is not None and self._is_clean.any() and not self._is_clean.all():
@@ -414,36 +428,34 @@ class DivideMix(HeldOutAccuracy):
         x: Tensor,
         y: Tensor,
         w: Tensor,
+        x_u: Tensor,
         lambda_u: float,
         generator: torch.Generator | None,
-    ) -> tuple[Tensor, Tensor]:
-        """MixMatch loss of ``net`` on a batch, with the peer's clean probabilities ``w [B]``.
+    ) -> Tensor:
+        """MixMatch loss of ``net`` on labelled samples ``x [L, ...]`` and unlabelled samples ``x_u [U, ...]``.
 
-        Returns:
-            ``(loss, logits)``: the scalar loss and ``net``'s logits ``[B, C]`` on the first augmentation.
+        ``y [L]`` are the noisy labels and ``w [L]`` the peer's clean probabilities of the labelled samples.
+        Returns the scalar loss.
         """
         hp = self.hparams
-        labelled = w > hp.p_threshold
         x1, x2 = self._augment(x, generator), self._augment(x, generator)
+        u1, u2 = self._augment(x_u, generator), self._augment(x_u, generator)
         with torch.no_grad():
-            logits1, logits2 = net(x1), net(x2)
-            p1, p2 = torch.softmax(logits1.float(), 1), torch.softmax(logits2.float(), 1)
-            unl = ~labelled
-            targets_x = co_refine(F.one_hot(y[labelled], self.num_classes).float(), (p1[labelled] + p2[labelled]) / 2,
-                                  w[labelled].float(), hp.temperature)
-            if bool(unl.any()):
+            p = (torch.softmax(net(x1).float(), 1) + torch.softmax(net(x2).float(), 1)) / 2
+            targets_x = co_refine(F.one_hot(y, self.num_classes).float(), p, w.float(), hp.temperature)
+            if x_u.shape[0] > 0:
+                own = torch.stack([torch.softmax(net(u1).float(), 1), torch.softmax(net(u2).float(), 1)])
                 peer_was_training = peer.training
                 peer.eval()
                 try:
-                    q1 = torch.softmax(peer(x1[unl]).float(), 1)
-                    q2 = torch.softmax(peer(x2[unl]).float(), 1)
+                    guesses = torch.stack([torch.softmax(peer(u1).float(), 1), torch.softmax(peer(u2).float(), 1)])
                 finally:
                     peer.train(peer_was_training)
-                targets_u = co_guess(torch.stack([p1[unl], p2[unl]]), torch.stack([q1, q2]), hp.temperature)
+                targets_u = co_guess(own, guesses, hp.temperature)
             else:
-                targets_u = p1[:0]
-        n_x, n_u = int(labelled.sum()), int(unl.sum())
-        inputs = torch.cat([x1[labelled], x2[labelled], x1[unl], x2[unl]])
+                targets_u = targets_x[:0]
+        n_x, n_u = int(x.shape[0]), int(x_u.shape[0])
+        inputs = torch.cat([x1, x2, u1, u2])
         targets = torch.cat([targets_x, targets_x, targets_u, targets_u])
         lam = mixmatch_lambda(hp.alpha, generator)
         device = generator.device if generator is not None else inputs.device
@@ -456,7 +468,23 @@ class DivideMix(HeldOutAccuracy):
             loss = loss - (torch.log_softmax(logits[: 2 * n_x], 1) * mixed_target[: 2 * n_x]).sum(1).mean()
         if n_u > 0:
             loss = loss + lambda_u * ((torch.softmax(logits[2 * n_x:], 1) - mixed_target[2 * n_x:]) ** 2).mean()
-        return loss, logits1.detach()
+        return loss
+
+    def draw_unlabelled(self, pool: Tensor, count: int, generator: torch.Generator | None) -> Tensor:
+        """``[count, ...]`` training inputs drawn with replacement from the dataset indices ``pool [U]``.
+
+        The inputs come from the training dataset itself (its own transform applied), as the reference
+        code's unlabelled loader does; fewer when the pool is empty (then none).
+        """
+        if pool.numel() == 0 or count == 0:
+            count = 0
+        device = generator.device if generator is not None else torch.device("cpu")
+        draw = torch.randint(max(pool.numel(), 1), (count,), generator=generator, device=device).cpu()
+        dataset = self._train_dataset()
+        items = [dataset[int(i)] for i in pool[draw]]
+        if not items:
+            return self._empty_input
+        return default_collate([item[0] for item in items]).to(self.device)
 
     def warmup_loss(self, net: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-entropy plus ``penalty_weight`` times the negative entropy; ``(loss, logits)``."""
@@ -480,9 +508,24 @@ class DivideMix(HeldOutAccuracy):
             progress = self.current_epoch + batch_idx / max(1, int(self.trainer.num_training_batches))
             lambda_u = linear_rampup(progress, hp.warmup_epochs, hp.lambda_u, hp.rampup_length)
             generator = self._generator(x.device, batch_idx)
+            self._empty_input = x[:0]
+            losses = []
             # network a learns from b's division and guesses with b; b symmetrically
-            loss_a, logits_a = self.mixmatch_loss(self.net_a, self.net_b, x, y, self.prob_b[index], lambda_u, generator)
-            loss_b, _ = self.mixmatch_loss(self.net_b, self.net_a, x, y, self.prob_a[index], lambda_u, generator)
+            for net, peer, prob, pool in ((self.net_a, self.net_b, self.prob_b, self._unlabelled_pools[0]),
+                                          (self.net_b, self.net_a, self.prob_a, self._unlabelled_pools[1])):
+                w = prob[index]
+                labelled = (w > hp.p_threshold).to(x.device)
+                if not bool(labelled.any()):  # no labelled sample here: this batch does not train the network
+                    losses.append(0.0 * net(x[:1]).sum())
+                    continue
+                x_u = self.draw_unlabelled(pool, int(labelled.sum()), generator)
+                losses.append(self.mixmatch_loss(net, peer, x[labelled], y[labelled], w[labelled.to(w.device)],
+                                                 x_u, lambda_u, generator))
+            loss_a, loss_b = losses
+            logits_a = None
+            if BatchContract.current_index(self) is not None:  # a callback on the batch contract reads logits
+                with torch.no_grad():
+                    logits_a = self.net_a(x)
         optimizer_a.zero_grad()
         optimizer_b.zero_grad()
         self.manual_backward(loss_a + loss_b)  # disjoint graphs: each network gets only its own gradient
@@ -492,7 +535,8 @@ class DivideMix(HeldOutAccuracy):
         self.log("train/loss_a", loss_a.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
         self.log("train/loss_b", loss_b.detach(), on_step=False, on_epoch=True, batch_size=batch_size)
         self.log("train/lambda_u", lambda_u, on_step=False, on_epoch=True, batch_size=batch_size)
-        return {"loss": (loss_a + loss_b).detach(), "logits": logits_a}
+        out = {"loss": (loss_a + loss_b).detach()}
+        return out if logits_a is None else {**out, "logits": logits_a}
 
     @override
     def on_train_epoch_end(self) -> None:
