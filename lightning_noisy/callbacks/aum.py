@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
@@ -17,7 +18,8 @@ from typing_extensions import override
 from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels, log_histogram
 from lightning_noisy.metrics.selection import selection_scores
 from lightning_noisy.seeding import stream_generator
-from lightning_noisy.state import SampleBuffer, SampleRecorder, StepContext
+from lightning_noisy.state import SampleBuffer, StepContext
+from lightning_noisy.state.gather import is_distributed
 
 #: columns of the ``aum`` package's ``aum_values.csv`` (sorted by ``aum``, largest first)
 AUM_CSV_COLUMNS = ("sample_id", "aum")
@@ -106,8 +108,9 @@ class AUMCallback(SampleStateCallback):
 
     Each epoch it logs ``aum/threshold`` and ``aum/flagged_fraction``, with the clean labels the
     precision, recall, F1 and AUROC of the detection (``noisy/aum_*``), and a histogram of the AUMs.
-    Margins are recorded on each rank and merged once per epoch, so the values are identical on every
-    rank and equal to a single process's. The results: :attr:`aum`, :attr:`flagged`,
+    Each rank adds its margins into dense ``[N]`` sums and counts; once per epoch these are summed over
+    the ranks (one all-reduce each), so the values are identical on every rank and equal to a single
+    process's. The results: :attr:`aum`, :attr:`flagged`,
     :meth:`save_csv` (the ``aum`` package's ``aum_values.csv`` columns) and :meth:`save_flags`; with
     ``output_dir`` both are written when training ends.
 
@@ -158,7 +161,9 @@ class AUMCallback(SampleStateCallback):
         self.threshold_mask: Tensor | None = None
         self._assigned: Tensor | None = None  # [N] the given label, or class C for a threshold sample
         self._device_assigned: Tensor | None = None
-        self._recorder: SampleRecorder | None = None
+        # this rank's margin sums and counts of the running epoch, dense [N] on the logits' device
+        self._epoch_sum: Tensor | None = None
+        self._epoch_count: Tensor | None = None
         self.margin_sum: SampleBuffer | None = None
         self.margin_count: SampleBuffer | None = None
         self._checked_outputs = False
@@ -183,7 +188,8 @@ class AUMCallback(SampleStateCallback):
             self.threshold_mask = torch.zeros(n, dtype=torch.bool)
         self._assigned = torch.where(self.threshold_mask, labels.num_classes, labels.noisy)
         self._device_assigned = None
-        self._recorder = SampleRecorder((), torch.float32)
+        self._epoch_sum = torch.zeros(n, dtype=torch.float64)
+        self._epoch_count = torch.zeros(n, dtype=torch.long)
         self.margin_sum = SampleBuffer(n, (), torch.float64)
         self.margin_count = SampleBuffer(n, (), torch.long)
 
@@ -219,23 +225,38 @@ class AUMCallback(SampleStateCallback):
 
     @override
     def on_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:
-        assert context.logits is not None and self._recorder is not None and self.training_labels is not None
+        assert context.logits is not None and self._epoch_sum is not None and self._epoch_count is not None
+        assert self.training_labels is not None
         self._remove_output_check()
         if not self._checked_outputs:
             self._check_outputs(int(context.logits.shape[1]), self.training_labels.num_classes)
         if trainer.current_epoch < self.start_epoch:
             return
         assigned = context.batch[1]  # the noisy label, or class C for a threshold sample
-        self._recorder.add(context.index, margins(context.logits, assigned))
+        device = context.logits.device
+        if self._epoch_sum.device != device:  # float64 accumulators, float32 where the device has no float64
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            self._epoch_sum = self._epoch_sum.to(device, dtype)
+            self._epoch_count = self._epoch_count.to(device)
+        index = context.index.to(device)
+        self._epoch_sum.index_add_(0, index, margins(context.logits, assigned).to(self._epoch_sum.dtype))
+        self._epoch_count.index_add_(0, index, torch.ones_like(index))
 
     @override
     def on_epoch_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self._recorder is not None and self.margin_sum is not None and self.margin_count is not None
-        index, total, counts = self._recorder.gather(trainer.strategy.root_device, reduction="sum")
+        assert self.margin_sum is not None and self.margin_count is not None
+        assert self._epoch_sum is not None and self._epoch_count is not None
+        total, counts = self._epoch_sum, self._epoch_count
+        if is_distributed():  # one sum over the ranks per epoch: every rank then holds every sample's margins
+            dist.all_reduce(total)
+            dist.all_reduce(counts)
+        index = torch.nonzero(counts > 0).flatten()
         if index.numel() == 0:
             return
-        self.margin_sum.write(index, total.double(), mode="add")
-        self.margin_count.write(index, counts, mode="add")
+        self.margin_sum.write(index.cpu(), total[index].double().cpu(), mode="add")
+        self.margin_count.write(index.cpu(), counts[index].cpu(), mode="add")
+        total.zero_()
+        counts.zero_()
         metrics: dict[str, Tensor] = {}
         seen = self.margin_count.values > 0
         aum = self.aum
