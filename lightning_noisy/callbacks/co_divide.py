@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_noisy.callbacks.base import (
     SampleStateCallback,
     TrainingLabels,
     log_histogram,
+    train_eval_loader,
 )
 from lightning_noisy.metrics.selection import selection_scores
 from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder
@@ -244,19 +244,6 @@ class CoDivideCallback(SampleStateCallback):
         return torch.nonzero(~self.clean_mask).flatten()
 
     # -- the division ---------------------------------------------------------------------------
-    def _loader(self, trainer: pl.Trainer) -> DataLoader:
-        make = getattr(trainer.datamodule, "train_eval_dataloader", None)
-        if callable(make):
-            return make()
-        train_loader = trainer.train_dataloader
-        dataset = getattr(train_loader, "dataset", None)
-        if dataset is None:
-            raise ValueError(
-                "CoDivideCallback needs the training dataset (or a DataModule with train_eval_dataloader)"
-            )
-        batch_size = self.batch_size or getattr(train_loader, "batch_size", None) or 256
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False)
-
     def compute_losses(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model_fn: ModelFn | None = None) -> Tensor:
         """``[N]`` float32 per-sample cross-entropy of the whole training set, identical on every rank.
 
@@ -273,7 +260,7 @@ class CoDivideCallback(SampleStateCallback):
         pl_module.eval()
         try:
             with torch.no_grad():
-                for batch_idx, batch in enumerate(self._loader(trainer)):
+                for batch_idx, batch in enumerate(train_eval_loader(trainer, "CoDivideCallback", self.batch_size)):
                     if batch_idx % world != rank:
                         continue
                     if not isinstance(batch, (list, tuple)) or len(batch) != 3:

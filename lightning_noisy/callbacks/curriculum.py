@@ -21,11 +21,10 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
-from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels
+from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels, train_eval_loader
 from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder, StepContext
 
 FeatureFn = Callable[[pl.LightningModule, Tensor], Tensor]
@@ -333,15 +332,6 @@ class CurriculumCallback(SampleStateCallback):
         if metrics:
             self.log_epoch_metrics(pl_module, metrics)
 
-    def _feature_loader(self, trainer: pl.Trainer) -> DataLoader:
-        make = getattr(trainer.datamodule, "train_eval_dataloader", None)
-        if callable(make):
-            return make()
-        dataset = getattr(trainer.train_dataloader, "dataset", None)
-        if dataset is None:
-            raise ValueError("CurriculumCallback needs the training dataset to compute the features")
-        return DataLoader(dataset, batch_size=self.feature_batch_size, shuffle=False)
-
     def _compute_subsets(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Features of the whole training set from the current model, then the density subsets."""
         assert self.subsets is not None and self.training_labels is not None
@@ -351,7 +341,8 @@ class CurriculumCallback(SampleStateCallback):
         pl_module.eval()
         try:
             with torch.no_grad():
-                for batch_idx, batch in enumerate(self._feature_loader(trainer)):
+                loader = train_eval_loader(trainer, "CurriculumCallback", self.feature_batch_size)
+                for batch_idx, batch in enumerate(loader):
                     if not (batch_idx % world == rank or (batch_idx == 0 and recorder is None)):
                         continue
                     if not isinstance(batch, (list, tuple)) or len(batch) != 3:

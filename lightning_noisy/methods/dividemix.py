@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, default_collate
 from typing_extensions import override
 
-from lightning_noisy.callbacks.base import find_training_labels
+from lightning_noisy.callbacks.base import find_training_labels, train_eval_loader, training_dataset
 from lightning_noisy.losses.mixup import sample_mixup_lambda
 from lightning_noisy.losses.regularizers import entropy_loss, prior_loss
 from lightning_noisy.methods.classifier import (
@@ -337,20 +337,6 @@ class DivideMix(HeldOutAccuracy):
         return self.current_epoch < self.hparams.warmup_epochs
 
     # ------------------------------------------------------------------ co-divide
-    def _train_dataset(self) -> Dataset:
-        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
-        if dataset is None:
-            raise RuntimeError("DivideMix needs the training set (co-divide and unlabelled draws): fit it with a "
-                               "DataLoader over an indexed map-style dataset, or a DataModule that has one")
-        return dataset
-
-    def _eval_loader(self) -> DataLoader:
-        make = getattr(self.trainer.datamodule, "train_eval_dataloader", None)
-        if callable(make):
-            return make()
-        batch_size = getattr(self.trainer.train_dataloader, "batch_size", None) or 128
-        return DataLoader(self._train_dataset(), batch_size=batch_size, shuffle=False)
-
     @torch.no_grad()
     def per_sample_losses(self, net: nn.Module, loader: DataLoader, num_samples: int) -> Tensor:
         """``[N]`` float32 cross-entropy of ``net`` (eval mode) against the noisy labels, indexed by sample."""
@@ -373,7 +359,7 @@ class DivideMix(HeldOutAccuracy):
         """Fit the division of each network on its per-sample losses; fills ``prob_a`` and ``prob_b``."""
         from lightning_noisy.callbacks.co_divide import clean_probability
 
-        loader = self._eval_loader()
+        loader = train_eval_loader(self.trainer, "DivideMix")
         n = int(self.prob_a.shape[0])
         hp = self.hparams
         for name, net in (("prob_a", self.net_a), ("prob_b", self.net_b)):
@@ -480,7 +466,7 @@ class DivideMix(HeldOutAccuracy):
             count = 0
         device = generator.device if generator is not None else torch.device("cpu")
         draw = torch.randint(max(pool.numel(), 1), (count,), generator=generator, device=device).cpu()
-        dataset = self._train_dataset()
+        dataset = training_dataset(self.trainer, "DivideMix")
         items = [dataset[int(i)] for i in pool[draw]]
         if not items:
             return self._empty_input

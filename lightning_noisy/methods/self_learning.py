@@ -9,10 +9,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_noisy.callbacks.base import find_training_labels
+from lightning_noisy.callbacks.base import find_training_labels, train_eval_loader
 from lightning_noisy.methods.classifier import NoisyClassifier, split_batch
 from lightning_noisy.state import BatchContract
 
@@ -194,17 +193,6 @@ class SelfLearning(NoisyClassifier):
         """The CPU generator of ``epoch``'s sampling, seeded from ``(seed, epoch)``: the same on every rank."""
         return torch.Generator().manual_seed(int(self.hparams.seed) * 1_000_003 + int(epoch))
 
-    def _feature_loader(self) -> DataLoader:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and callable(getattr(datamodule, "train_eval_dataloader", None)):
-            return datamodule.train_eval_dataloader()
-        loader = self.trainer.train_dataloader
-        dataset = getattr(loader, "dataset", None)
-        if dataset is None:
-            raise RuntimeError("SelfLearning needs the training dataset (or a DataModule with train_eval_dataloader)")
-        return DataLoader(dataset, batch_size=getattr(loader, "batch_size", None) or 128, shuffle=False,
-                          num_workers=0, collate_fn=getattr(loader, "collate_fn", None))
-
     @torch.no_grad()
     def training_features(self) -> Tensor:
         """``[N, D]`` features of the whole training set (eval mode, no grad), on this module's device."""
@@ -214,7 +202,7 @@ class SelfLearning(NoisyClassifier):
         chunks: list[tuple[Tensor, Tensor]] = []
         position = 0
         try:
-            for batch in self._feature_loader():
+            for batch in train_eval_loader(self.trainer, "SelfLearning"):
                 x = batch[0].to(self.device)
                 index = batch[2] if isinstance(batch, (list, tuple)) and len(batch) == 3 else None
                 if index is None:
