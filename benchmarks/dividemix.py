@@ -81,7 +81,7 @@ def label(kind: str, rate: float) -> str:
 
 def run_accuracy(
     methods: Sequence[str], settings: Sequence[tuple[str, float]], seeds: Sequence[int], num_samples: int | None,
-    jobs: int, extra: Sequence[str],
+    jobs: int, extra: Sequence[str], cache_dir: Path | None = None,
 ) -> dict[tuple[str, tuple[str, float]], list[RunResult]]:
     grid = [(m, s, seed) for s in settings for m in methods for seed in seeds]
     specs = []
@@ -91,7 +91,7 @@ def run_accuracy(
             overrides += dividemix_overrides(kind, rate)
         specs.append((METHODS[method], [*overrides, *extra], seed))
     results: dict[tuple[str, tuple[str, float]], list[RunResult]] = {}
-    for (method, setting, _), result in zip(grid, run_many(specs, processes=jobs)):
+    for (method, setting, _), result in zip(grid, run_many(specs, processes=jobs, cache_dir=cache_dir)):
         results.setdefault((method, setting), []).append(result)
     return results
 
@@ -201,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--skip-cost", action="store_true", help="only run the accuracy grid")
     parser.add_argument("--cost-samples", type=int, default=40_000)
     parser.add_argument("--cost-repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="folder for the tables and runs")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out"),
+                        help="folder for the tables; its runs/ keeps each finished run, reused by a rerun")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -215,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.skip_accuracy:
         start = time.perf_counter()
         print(f"{len(args.methods)} methods x {len(settings)} settings x {len(args.seeds)} seeds", flush=True)
-        results = run_accuracy(args.methods, settings, args.seeds, args.num_samples, args.jobs, args.override)
+        results = run_accuracy(args.methods, settings, args.seeds, args.num_samples, args.jobs, args.override,
+                               args.out / "runs")
         report.append(accuracy_tables(results, args.methods, settings))
         report.append(f"({time.perf_counter() - start:.0f} s wall, {args.jobs} jobs)\n")
         runs = [{"method": m, "setting": label(*s), **dataclasses.asdict(r)} for (m, s), rs in results.items()

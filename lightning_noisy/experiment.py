@@ -6,15 +6,19 @@ machine without oversubscribing them.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import math
 import multiprocessing
 import statistics
 import time
 import warnings
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -101,11 +105,75 @@ def _run_job(job: tuple[str, tuple[str, ...], int]) -> RunResult:
     return run_config(*job)
 
 
-def run_many(jobs: Iterable[tuple[str, Sequence[str], int]], processes: int = 2) -> list[RunResult]:
-    """Run ``(config, overrides, seed)`` jobs in ``processes`` workers (one thread each), in order."""
-    jobs = [(c, tuple(o), s) for c, o, s in jobs]
-    if processes <= 1:
-        return [_run_job(job) for job in jobs]
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_run_job, jobs))
+def _job_key(job: tuple[str, tuple[str, ...], int]) -> str:
+    """A file name that identifies ``(config, overrides, seed)`` and the config file's current text."""
+    config, overrides, seed = job
+    text = Path(config).read_bytes() if Path(config).is_file() else b""
+    digest = hashlib.sha256(json.dumps([config, list(overrides), seed]).encode() + b"\0" + text).hexdigest()
+    return f"{Path(config).stem}-s{seed}-{digest[:16]}.json"
 
+
+def _load_cached(path: Path) -> RunResult | None:
+    try:
+        fields = json.loads(path.read_text())
+        return RunResult(**{**fields, "overrides": tuple(fields["overrides"])})
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # missing, partly written or from another version: run the job again
+
+
+def _store(path: Path, result: RunResult) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(dataclasses.asdict(result)))
+    temporary.replace(path)  # atomic: an interrupted write never leaves a half file behind
+
+
+def run_many(
+    jobs: Iterable[tuple[str, Sequence[str], int]], processes: int = 2, cache_dir: str | Path | None = None,
+) -> list[RunResult]:
+    """Run ``(config, overrides, seed)`` jobs in ``processes`` workers (one thread each); results in job order.
+
+    With ``cache_dir``, each finished run is stored there as JSON under a key of its config (path and
+    text), overrides and seed, and a job whose result is already stored is not run again, so an
+    interrupted or extended grid only runs what is missing (the key does not cover the package's code:
+    empty the folder after changing it). Each finished run prints one line. A failed run does not stop
+    the others; once they are done, a ``RuntimeError`` names the failed jobs.
+    """
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"processes must be an int >= 1, got {processes!r}")
+    jobs = [(c, tuple(o), s) for c, o, s in jobs]
+    cache = None if cache_dir is None else Path(cache_dir)
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    paths = [None if cache is None else cache / _job_key(job) for job in jobs]
+    results: list[RunResult | None] = [None if p is None else _load_cached(p) for p in paths]
+    todo = [i for i, r in enumerate(results) if r is None]
+    start = time.perf_counter()
+    failures: list[str] = []
+
+    def finish(i: int, result: RunResult, done: int) -> None:
+        results[i] = result
+        if paths[i] is not None:
+            _store(paths[i], result)
+        config, overrides, seed = jobs[i]
+        print(f"[{done}/{len(todo)} runs, {time.perf_counter() - start:.0f} s] {Path(config).stem} seed {seed} "
+              f"{' '.join(overrides)}: best {result.best_acc:.3f}, last {result.last_acc:.3f}", flush=True)
+
+    def attempt(i: int, outcome: Callable[[], RunResult], done: int) -> None:
+        try:
+            finish(i, outcome(), done)
+        except Exception as err:  # noqa: BLE001 - reported with its job once the others are done
+            failures.append(f"{jobs[i]}: {type(err).__name__}: {err}")
+
+    if len(todo) < len(jobs):
+        print(f"{len(jobs) - len(todo)} of {len(jobs)} runs taken from {cache}", flush=True)
+    if processes == 1 or len(todo) <= 1:
+        for done, i in enumerate(todo, 1):
+            attempt(i, lambda i=i: _run_job(jobs[i]), done)
+    else:
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_job, jobs[i]): i for i in todo}
+            for done, future in enumerate(as_completed(futures), 1):
+                attempt(futures[future], future.result, done)
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(todo)} runs failed:\n" + "\n".join(failures))
+    return [r for r in results if r is not None]

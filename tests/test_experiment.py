@@ -1,0 +1,62 @@
+"""The benchmark runner: ``run_many`` with its result cache and its handling of a failed run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from lightning_noisy import experiment
+from lightning_noisy.experiment import run_many
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mnist1d_ce.yaml")
+TINY = ("--trainer.max_epochs=2", "--data.init_args.num_samples=300", "--data.init_args.batch_size=64")
+
+
+def as_json(result: experiment.RunResult) -> str:
+    """The result as text, so that NaN fields (no recovery figure for CE) compare equal."""
+    return json.dumps(dataclasses.asdict(result))
+
+
+def _refuse(job: object) -> None:
+    raise AssertionError(f"{job} should have come from the cache")
+
+
+def test_cached_runs_are_reused_and_equal_the_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    jobs = [(CONFIG, TINY, 0), (CONFIG, (*TINY, "--data.init_args.noise_rate=0.2"), 1)]
+    first = run_many(jobs, processes=1, cache_dir=tmp_path)
+    assert [r.seed for r in first] == [0, 1]
+    assert len(list(tmp_path.glob("*.json"))) == 2 and not list(tmp_path.glob("*.tmp"))
+    assert all(len(r.history) == 2 for r in first)
+
+    monkeypatch.setattr(experiment, "_run_job", _refuse)
+    again = run_many(jobs, processes=1, cache_dir=tmp_path)
+    assert [as_json(r) for r in again] == [as_json(r) for r in first]  # every field, the history included
+    with pytest.raises(RuntimeError, match="should have come from the cache"):  # another seed is not cached
+        run_many([(CONFIG, TINY, 2)], processes=1, cache_dir=tmp_path)
+
+
+def test_a_damaged_cache_file_is_run_again(tmp_path: Path) -> None:
+    job = (CONFIG, TINY, 0)
+    (first,) = run_many([job], processes=1, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.json")
+    path.write_text('{"config": ')  # e.g. a write cut off by an older version
+    (again,) = run_many([job], processes=1, cache_dir=tmp_path)
+    assert again.best_acc == first.best_acc and again.history == [
+        {**row, "epoch_s": again.history[i]["epoch_s"]} for i, row in enumerate(first.history)
+    ]
+
+
+def test_a_failed_run_is_named_after_the_others_finish(tmp_path: Path) -> None:
+    jobs = [(CONFIG, (*TINY, "--data.init_args.noise_rate=1.5"), 0), (CONFIG, TINY, 0)]
+    with pytest.raises(RuntimeError, match=r"1 of 2 runs failed:\n.*noise_rate=1\.5"):
+        run_many(jobs, processes=1, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 1  # the good run was kept
+
+
+@pytest.mark.parametrize("processes", [0, -1, True, 1.5])
+def test_processes_must_be_a_positive_int(processes: object) -> None:
+    with pytest.raises(ValueError, match=f"processes must be an int >= 1, got {processes!r}"):
+        run_many([(CONFIG, TINY, 0)], processes=processes)  # type: ignore[arg-type]
