@@ -30,13 +30,13 @@ from typing import Any
 import common
 from common import RunResult, markdown_table, mean_spread, run_many
 
-# ``run_config`` hands the CLI its arguments explicitly; the spawned workers inherit this script's own
-# ``sys.argv``, about which LightningCLI would warn once per run. Module level, so workers apply it too.
-
 # The default grid, in one place: a later method adds its config here.
 DEFAULT_CONFIGS: tuple[str, ...] = (
     "configs/mnist1d_ce.yaml",
     "configs/mnist1d_joint_optimization.yaml",
+    "configs/mnist1d_dividemix.yaml",
+    "configs/mnist1d_self_learning.yaml",
+    "configs/mnist1d_feature_mixup.yaml",
 )
 DEFAULT_NOISE: tuple[str, ...] = ("symmetric:0.4",)
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
@@ -117,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="a CLI override for every run, as --override=--trainer.max_epochs=5 (repeatable)",
     )
     parser.add_argument("--json", type=Path, help="also write every run's figures and history to this file")
+    parser.add_argument("--cache", type=Path, help="keep each finished run in this folder; a rerun reuses them")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -132,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f" overrides: {' '.join(args.override) or 'none'}",
         flush=True,
     )
-    flat = run_many(jobs, processes=args.jobs)
+    flat = run_many(jobs, processes=args.jobs, cache_dir=args.cache)
     per_setting = [flat[i : i + len(args.seeds)] for i in range(0, len(flat), len(args.seeds))]
     print(summarise(grid, per_setting))
 
