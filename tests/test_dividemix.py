@@ -77,6 +77,17 @@ def test_default_augment_shape_and_seed() -> None:
     assert default_augment(torch.randn(2, 3, 8, 8), torch.Generator().manual_seed(0)).shape == (2, 3, 8, 8)
 
 
+def test_module_augmentation_follows_its_noise_and_shift_arguments() -> None:
+    x = torch.randn(64, 1, 40)
+    still = DivideMix(augment_noise_std=0.0, augment_max_shift=0)
+    assert torch.equal(still._augment(x, torch.Generator().manual_seed(0)), x)
+    shifted = DivideMix(augment_noise_std=0.0, augment_max_shift=3)._augment(x, torch.Generator().manual_seed(0))
+    rolls = torch.stack([torch.roll(x, s, dims=-1) for s in range(-3, 4)])  # [7, B, 1, L]
+    matches = (rolls == shifted[None]).all(-1).all(-1)  # [7, B]: which roll each row is
+    assert bool(matches.any(0).all())  # every row is one of the rolls by -3..3
+    assert int(matches[[0, 6]].any(0).sum()) > 0  # and the largest shifts occur
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -91,6 +102,10 @@ def test_default_augment_shape_and_seed() -> None:
         ({"optimizer": "adam"}, "optimizer"),
         ({"num_classes": 1}, "num_classes"),
         ({"augment": 3}, "augment"),
+        ({"augment_noise_std": -0.1}, "augment_noise_std must be a finite number >= 0, got -0.1"),
+        ({"augment_noise_std": float("inf")}, "augment_noise_std must be a finite number >= 0, got inf"),
+        ({"augment_max_shift": 1.5}, "augment_max_shift must be an int >= 0, got 1.5"),
+        ({"augment_max_shift": -1}, "augment_max_shift must be an int >= 0, got -1"),
     ],
 )
 def test_bad_arguments(kwargs: dict, match: str) -> None:

@@ -230,6 +230,8 @@ class DivideMix(HeldOutAccuracy):
             noise, none otherwise.
         augment: ``Callable[[Tensor], Tensor]`` applied to a training batch to get one random augmentation;
             ``None`` uses :func:`default_augment` (noise and a small shift, a generic default).
+        augment_noise_std: noise of :func:`default_augment`, in multiples of each sample's std (>= 0).
+        augment_max_shift: largest circular shift of :func:`default_augment`, in positions (int >= 0).
         gmm_max_iter: iterations of the GMM fit (reference: 10).
         gmm_reg_covar: covariance regularisation of the GMM (reference: 5e-4).
         seed: network a is initialised from ``seed``, network b from ``seed + 1`` (global RNG untouched); also
@@ -257,6 +259,8 @@ class DivideMix(HeldOutAccuracy):
         alpha: float = 4.0,
         penalty_weight: float = 0.0,
         augment: Callable[[Tensor], Tensor] | None = None,
+        augment_noise_std: float = 0.05,
+        augment_max_shift: int = 2,
         gmm_max_iter: int = 10,
         gmm_reg_covar: float = 5e-4,
         seed: int = 0,
@@ -287,6 +291,11 @@ class DivideMix(HeldOutAccuracy):
             raise ValueError(f"penalty_weight must be a number >= 0, got {penalty_weight!r}")
         if augment is not None and not callable(augment):
             raise ValueError(f"augment must be a callable Tensor -> Tensor or None, got {augment!r}")
+        if (isinstance(augment_noise_std, bool) or not isinstance(augment_noise_std, (int, float))
+                or not 0 <= augment_noise_std < math.inf):
+            raise ValueError(f"augment_noise_std must be a finite number >= 0, got {augment_noise_std!r}")
+        if isinstance(augment_max_shift, bool) or not isinstance(augment_max_shift, int) or augment_max_shift < 0:
+            raise ValueError(f"augment_max_shift must be an int >= 0, got {augment_max_shift!r}")
         if isinstance(gmm_max_iter, bool) or not isinstance(gmm_max_iter, int) or gmm_max_iter < 1:
             raise ValueError(f"gmm_max_iter must be an int >= 1, got {gmm_max_iter!r}")
         _check_positive("gmm_reg_covar", gmm_reg_covar)
@@ -405,7 +414,8 @@ class DivideMix(HeldOutAccuracy):
     def _augment(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         if self.augment is not None:
             return self.augment(x)
-        return default_augment(x, generator)
+        hp = self.hparams
+        return default_augment(x, generator, noise_std=float(hp.augment_noise_std), max_shift=int(hp.augment_max_shift))
 
     def mixmatch_loss(
         self,
