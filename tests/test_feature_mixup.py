@@ -30,8 +30,8 @@ def test_mix_features_and_targets_by_hand() -> None:
     f_j = torch.tensor([[3.0, 0.0], [2.0, 2.0]])
     w = torch.tensor([[0.25, 0.75], [0.5, 0.5]])
     torch.testing.assert_close(mix_features(f_i, f_j, w), torch.tensor([[2.5, 0.5], [1.0, 3.0]]))
-    targets = mixed_targets(torch.tensor([0, 1]), torch.tensor([2, 1]), w, 3)
-    torch.testing.assert_close(targets, torch.tensor([[0.25, 0.0, 0.75], [0.0, 1.0, 0.0]]))
+    targets = mixed_targets(torch.tensor([0, 1]), torch.tensor([2, 1]), 3)
+    torch.testing.assert_close(targets, torch.tensor([[0.5, 0.0, 0.5], [0.0, 1.0, 0.0]]))
     logits = torch.tensor([[0.0, 0.0, 0.0]])
     soft = torch.tensor([[0.25, 0.0, 0.75]])
     assert float(soft_cross_entropy(logits, soft)) == pytest.approx(float(torch.log(torch.tensor(3.0))))
@@ -57,27 +57,44 @@ def test_pairing_edge_cases() -> None:
 
 
 def test_attention_weights_sum_to_one() -> None:
-    attention = PairAttention(5)
-    w = attention(torch.randn(7, 5), torch.randn(7, 5))
+    attention = PairAttention(32)
+    assert attention.embed_i.out_features == 6  # 3 D / 16, as the released code's 384 for 2,048 features
+    w = attention(torch.randn(7, 32), torch.randn(7, 32))
     assert w.shape == (7, 2) and (w > 0).all()
     torch.testing.assert_close(w.sum(1), torch.ones(7))
 
 
-def test_loss_is_ce_plus_weighted_mix_loss() -> None:
-    model = feature_mixup(lambda_mix=0.5)
+def test_attention_by_hand() -> None:
+    attention = PairAttention(2, hidden_dim=2)
+    with torch.no_grad():
+        attention.embed_i.weight.copy_(torch.eye(2))
+        attention.embed_i.bias.zero_()
+        attention.embed_j.weight.copy_(-torch.eye(2))
+        attention.embed_j.bias.zero_()
+        attention.score.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        attention.score.bias.fill_(-1.0)
+    f_i, f_j = torch.tensor([[1.0, -3.0]]), torch.tensor([[-2.0, 0.5]])
+    # relu([1, -3]) + relu([2, -0.5]) = [3, 0]; score 1 * 3 + 2 * 0 - 1 = 2
+    a = 1 / (1 + torch.exp(torch.tensor(-2.0)))
+    torch.testing.assert_close(attention(f_i, f_j), torch.stack([a, 1 - a]).view(1, 2))
+
+
+def test_loss_is_weighted_ce_plus_weighted_mix_loss() -> None:
+    model = feature_mixup(lambda_ce=0.25, lambda_mix=0.5)
     x, y, _ = next(iter(toy_loader(toy_dataset(), batch_size=12)))
     out = model.feature_mixup_loss(x, y, torch.Generator().manual_seed(1))
     assert float(out["loss_ce"].detach()) == pytest.approx(float(F.cross_entropy(model(x), y).detach()))
-    assert float(out["loss"]) == pytest.approx(float(out["loss_ce"] + 0.5 * out["loss_mix"]))
+    assert float(out["loss"].detach()) == pytest.approx(float((0.25 * out["loss_ce"] + 0.5 * out["loss_mix"]).detach()))
     # by hand from the same pairs
     within, cross = group_pairs(y, 4, torch.Generator().manual_seed(1))
     pairs = torch.cat([within, cross])
     feats = model.backbone.features(x)
     w = model.attention(feats[pairs[:, 0]], feats[pairs[:, 1]])
     mixed = w[:, :1] * feats[pairs[:, 0]] + w[:, 1:] * feats[pairs[:, 1]]
-    target = w[:, :1] * F.one_hot(y[pairs[:, 0]], 3) + w[:, 1:] * F.one_hot(y[pairs[:, 1]], 3)
-    expected = -(target * F.log_softmax(model.backbone.classifier(mixed), 1)).sum(1).mean()
-    assert float(out["loss_mix"]) == pytest.approx(float(expected), rel=1e-5)
+    log_p = F.log_softmax(model.backbone.classifier(mixed), 1)
+    rows = torch.arange(pairs.shape[0])
+    expected = -(log_p[rows, y[pairs[:, 0]]] + log_p[rows, y[pairs[:, 1]]]).mean() / 2  # half each label
+    assert float(out["loss_mix"].detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
     assert out["loss"].requires_grad
     out["loss"].backward()
     assert model.attention.score.weight.grad is not None and model.attention.score.weight.grad.abs().sum() > 0
@@ -101,7 +118,8 @@ def test_short_fit_decreases_the_loss() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"lambda_mix": -1.0}, "lambda_mix must be a number >= 0, got -1.0"),
+    [({"lambda_mix": -1.0}, "lambda_mix must be a finite number >= 0, got -1.0"),
+     ({"lambda_ce": float("nan")}, "lambda_ce must be a finite number >= 0, got nan"),
      ({"pairs_per_group": 0}, "pairs_per_group must be an integer >= 1, got 0"),
      ({"pairs_per_group": 1.5}, "pairs_per_group"), ({"mixup_alpha": 0.5}, "mixup")],
 )

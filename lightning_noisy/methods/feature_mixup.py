@@ -2,13 +2,15 @@
 
 After Attentive Feature Mixup (AFM; Peng, Wang, Zeng, Li, Yang, Qiao, "Suppressing Mislabeled Data via
 Grouping and Self-Attention", ECCV 2020): pairs are formed within groups of the same (noisy) label and
-across groups, and the classifier is trained on the mixtures. The pair attention (a linear layer on the
-concatenated features) and ``lambda_mix`` are this package's choices, not checked against the paper's
-equations.
+across groups, and the classifier is trained on the mixtures. The paper's method section was not available
+to us; the attention network, the mixed targets and the loss weights follow the authors' released code
+(github.com/kaiwang960112/AFM, ``afm.py`` and ``train.py``). The grouping by label follows the paper's
+description (the released code pairs the two halves of a shuffled batch instead).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -69,12 +71,17 @@ def mix_features(f_i: Tensor, f_j: Tensor, w: Tensor) -> Tensor:
     return w[:, :1] * f_i + w[:, 1:] * f_j
 
 
-def mixed_targets(y_i: Tensor, y_j: Tensor, w: Tensor, num_classes: int) -> Tensor:
-    """Soft labels ``w[:, 0] onehot(y_i) + w[:, 1] onehot(y_j)`` ``[P, C]`` (``= onehot(y)`` within a group)."""
-    if y_i.shape != y_j.shape or y_i.ndim != 1 or w.shape != (y_i.shape[0], 2):
-        raise ValueError(f"expected y_i, y_j [P] and w [P, 2], got {tuple(y_i.shape)}, {tuple(y_j.shape)}, "
-                         f"{tuple(w.shape)}")
-    return w[:, :1] * F.one_hot(y_i, num_classes).to(w) + w[:, 1:] * F.one_hot(y_j, num_classes).to(w)
+def mixed_targets(y_i: Tensor, y_j: Tensor, num_classes: int) -> Tensor:
+    """Soft labels ``(onehot(y_i) + onehot(y_j)) / 2`` ``[P, C]`` float32 (``= onehot(y)`` within a group).
+
+    The targets do not depend on the attention weights, as in the released AFM code (which scores the
+    mixture against each label with weight 1/2): with attention-weighted targets the weights would get a
+    gradient towards whichever label the classifier already prefers and saturate at (1, 0) or (0, 1),
+    which undoes the mixing.
+    """
+    if y_i.shape != y_j.shape or y_i.ndim != 1:
+        raise ValueError(f"expected y_i, y_j [P], got {tuple(y_i.shape)}, {tuple(y_j.shape)}")
+    return (F.one_hot(y_i, num_classes) + F.one_hot(y_j, num_classes)).float() / 2
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -83,15 +90,26 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 class PairAttention(nn.Module):
-    """Attention over a pair: ``softmax(Linear([f_i, f_j]))``, two weights per pair that sum to 1."""
+    """Attention over a pair, as in the released AFM code: ``a = sigmoid(v . (relu(A f_i) + relu(B f_j)))``.
 
-    def __init__(self, feature_dim: int) -> None:
+    ``A`` and ``B`` are ``D -> H`` linear layers (``H = max(1, 3 D / 16)``, the code's 384 for ResNet-50's
+    2,048 features) and ``v`` an ``H -> 1`` one; the pair's weights are ``(a, 1 - a)``.
+    """
+
+    def __init__(self, feature_dim: int, hidden_dim: int | None = None) -> None:
         super().__init__()
-        self.score = nn.Linear(2 * int(feature_dim), 2)
+        feature_dim = int(feature_dim)
+        hidden = max(1, 3 * feature_dim // 16) if hidden_dim is None else int(hidden_dim)
+        if feature_dim < 1 or hidden < 1:
+            raise ValueError(f"feature_dim and hidden_dim must be >= 1, got {feature_dim} and {hidden}")
+        self.embed_i = nn.Linear(feature_dim, hidden)
+        self.embed_j = nn.Linear(feature_dim, hidden)
+        self.score = nn.Linear(hidden, 1)
 
     def forward(self, f_i: Tensor, f_j: Tensor) -> Tensor:
-        """``[P, D], [P, D] -> [P, 2]`` weights ``(w_i, w_j)``."""
-        return torch.softmax(self.score(torch.cat([f_i, f_j], dim=1)), dim=1)
+        """``[P, D], [P, D] -> [P, 2]`` weights ``(w_i, w_j)``, each in ``(0, 1)``, summing to 1."""
+        a = torch.sigmoid(self.score(F.relu(self.embed_i(f_i)) + F.relu(self.embed_j(f_j))))
+        return torch.cat([a, 1 - a], dim=1)
 
 
 class FeatureMixup(NoisyClassifier):
@@ -99,12 +117,12 @@ class FeatureMixup(NoisyClassifier):
 
     Each training batch is grouped by its (noisy) label (:func:`group_pairs`). Within a group, pairs
     ``(i, j)`` are mixed in feature space, ``f = w_i f_i + w_j f_j`` with ``(w_i, w_j)`` from
-    :class:`PairAttention` on the concatenated features, and keep the group's label: the attention learns to
-    lower the weight of the samples whose features do not fit their label (the mislabelled ones). Across
-    groups, pairs are mixed the same way with the soft label ``w_i onehot(y_i) + w_j onehot(y_j)``.
-    The loss is the paper's two terms: ``L = L_ce(classifier(f_b), y_b) + lambda_mix L_mix``, ``L_mix``
-    the (soft) cross-entropy of ``classifier`` on all mixed features. Gradients reach the backbone, the
-    classifier and the attention (also through the soft labels' weights). Inference is the plain network.
+    :class:`PairAttention`, and keep the group's label: the attention learns to lower the weight of the
+    samples whose features do not fit their label (the mislabelled ones). Across groups, pairs are mixed the
+    same way with the label ``(onehot(y_i) + onehot(y_j)) / 2`` (:func:`mixed_targets`). The loss is
+    ``L = lambda_ce L_ce(classifier(f_b), y_b) + lambda_mix L_mix``, ``L_mix`` the (soft) cross-entropy of
+    ``classifier`` on all mixed features; the released code weighs them 0.5 and 1.5. Gradients reach the
+    backbone, the classifier and, through the mixed features, the attention. Inference is the plain network.
 
     Pairs are drawn with a CPU ``torch.Generator`` seeded from ``(seed, global_step)``: the same pairs in a
     rerun, and the same positions on every DDP rank. A batch without a group of two gives ``L_mix = 0``.
@@ -113,18 +131,22 @@ class FeatureMixup(NoisyClassifier):
     of the pairs' first sample within groups); ``test/acc`` and ``test/acc_best`` as :class:`NoisyClassifier`.
 
     Args:
-        lambda_mix: weight of the mixed-feature loss, ``>= 0`` (1.0: the two terms summed with equal weight).
+        lambda_ce: weight of the loss on the plain features, ``>= 0`` (released code: 0.5).
+        lambda_mix: weight of the mixed-feature loss, ``>= 0`` (released code: 1.5).
         pairs_per_group: random within-group pairs per label group of the batch, and as many cross-group
             pairs in total (keeps the cost bounded; ``>= 1``).
         seed: seed of the pair sampling.
         **kwargs: the :class:`NoisyClassifier` arguments (``mixup_alpha`` must stay 0).
     """
 
-    def __init__(self, lambda_mix: float = 1.0, pairs_per_group: int = 4, seed: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self, lambda_ce: float = 0.5, lambda_mix: float = 1.5, pairs_per_group: int = 4, seed: int = 0, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        if isinstance(lambda_mix, bool) or not isinstance(lambda_mix, (int, float)) or not lambda_mix >= 0:
-            raise ValueError(f"lambda_mix must be a number >= 0, got {lambda_mix!r}")
+        for name, value in (("lambda_ce", lambda_ce), ("lambda_mix", lambda_mix)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if isinstance(pairs_per_group, bool) or not isinstance(pairs_per_group, int) or pairs_per_group < 1:
             raise ValueError(f"pairs_per_group must be an integer >= 1, got {pairs_per_group!r}")
         if self.hparams.mixup_alpha > 0:
@@ -158,9 +180,9 @@ class FeatureMixup(NoisyClassifier):
             f_i, f_j = features[pairs[:, 0]], features[pairs[:, 1]]
             weights = self.attention(f_i, f_j)
             mixed = mix_features(f_i, f_j, weights)
-            targets = mixed_targets(y[pairs[:, 0]], y[pairs[:, 1]], weights, self.num_classes)
+            targets = mixed_targets(y[pairs[:, 0]], y[pairs[:, 1]], self.num_classes)
             loss_mix = soft_cross_entropy(self.backbone.classifier(mixed), targets)
-        loss = loss_ce + float(self.hparams.lambda_mix) * loss_mix
+        loss = float(self.hparams.lambda_ce) * loss_ce + float(self.hparams.lambda_mix) * loss_mix
         return {"loss": loss, "loss_ce": loss_ce, "loss_mix": loss_mix, "logits": logits,
                 "weights_within": weights[: within.shape[0]]}
 
