@@ -32,11 +32,15 @@ def unit(degrees: float) -> list[float]:
 def test_density_and_eta_by_hand() -> None:
     features = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
     # S = [[1,1,0],[1,1,0],[0,0,1]]; sorted entries 0,0,0,0,1,1,1,1,1 -> S_c = entry 3 (floor(0.4 * 8)) = 0
-    sim, rho, eta = similarity_density(features)
+    sim, rho, eta = similarity_density(features, percentile=40.0)
     torch.testing.assert_close(sim, torch.tensor([[1.0, 1, 0], [1, 1, 0], [0, 0, 1]]))
     assert rho.tolist() == [2.0, 2.0, 1.0]  # sign(S_ij - 0) summed over j
     assert eta.tolist() == [0.0, 0.0, 0.0]  # the densest: min similarity; sample 2: max S to a denser one
-    assert select_prototypes(features, 2).tolist() == [0, 1]
+    assert select_prototypes(features, 2, percentile=40.0).tolist() == [0, 1]
+    # the default, the paper's "top 40%": S_c = entry floor(0.6 * 8) = 4 = 1, so sign(S_ij - 1) is 0 or -1
+    _, rho, eta = similarity_density(features)
+    assert rho.tolist() == [-1.0, -1.0, -2.0]
+    assert eta.tolist() == [0.0, 0.0, 0.0]
 
 
 def test_prototypes_come_from_the_dense_cluster() -> None:
@@ -128,6 +132,24 @@ def test_warmup_only_needs_no_index_but_correction_does() -> None:
     trainer(max_epochs=1).fit(self_learning(warmup_epochs=1), no_index)  # plain CE during warm-up
     with pytest.raises(RuntimeError, match="dataset index"):
         trainer(max_epochs=1).fit(self_learning(warmup_epochs=0), no_index)
+
+
+def test_mean_pooled_correction_features_average_the_feature_map() -> None:
+    model = SelfLearning(backbone="cnn1d", num_classes=10, feature_pooling="mean")
+    x = torch.randn(6, 1, 40, generator=torch.Generator().manual_seed(0))
+    conv_map = model.backbone.feature_map(x)  # [6, 32, 5]
+    assert conv_map.shape == (6, 32, 5)
+    torch.testing.assert_close(model.backbone.features(x), conv_map.reshape(6, 160))  # features = flattened map
+    torch.testing.assert_close(model.correction_features(x), conv_map.sum(2) / 5)
+    flat = SelfLearning(backbone="cnn1d", num_classes=10)
+    torch.testing.assert_close(flat.correction_features(x), flat.backbone.features(x))
+
+
+def test_mean_pooling_needs_a_feature_map() -> None:
+    with pytest.raises(ValueError, match="feature_pooling='mean' needs a backbone with `feature_map"):
+        self_learning(feature_pooling="mean")  # the MLP backbone has no map
+    with pytest.raises(ValueError, match="feature_pooling must be 'none' or 'mean', got 'max'"):
+        self_learning(feature_pooling="max")
 
 
 @pytest.mark.parametrize(

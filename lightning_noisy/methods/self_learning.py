@@ -4,7 +4,7 @@ chosen from the network's own features by density, and pseudo labels from the si
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +23,12 @@ def _cosine_matrix(features: Tensor) -> Tensor:
     return normed @ normed.T
 
 
-def similarity_density(features: Tensor, percentile: float = 40.0) -> tuple[Tensor, Tensor, Tensor]:
+def similarity_density(features: Tensor, percentile: float = 60.0) -> tuple[Tensor, Tensor, Tensor]:
     """Cosine similarities, densities ``rho`` and ``eta`` of Han et al. (2019), Sec. 3.2.
 
     ``S_ij = cos(f_i, f_j)``; ``S_c`` is the entry at position ``floor(percentile / 100 * (m^2 - 1))`` of the
-    ``m x m`` entries of ``S`` sorted in ascending order (the paper: "ranked top 40%"); the density is
+    ``m x m`` entries of ``S`` sorted in ascending order. The paper takes the value "ranked top 40%", which
+    has 40% of the similarities above it: ``percentile = 60``. The density is
     ``rho_i = sum_j sign(S_ij - S_c)`` (``j`` over all ``m`` samples, ``i`` included, which shifts every
     ``rho`` by the same constant); ``eta_i = max_{j: rho_j > rho_i} S_ij``, and ``eta_i = min_j S_ij`` for the
     samples of the highest density.
@@ -55,7 +56,7 @@ def similarity_density(features: Tensor, percentile: float = 40.0) -> tuple[Tens
     return sim, rho, eta
 
 
-def select_prototypes(features: Tensor, num_prototypes: int, percentile: float = 40.0, eta_max: float = 0.95) -> Tensor:
+def select_prototypes(features: Tensor, num_prototypes: int, percentile: float = 60.0, eta_max: float = 0.95) -> Tensor:
     """Indices of the ``p`` prototypes of one class (Han et al. 2019, Sec. 3.2).
 
     Prototypes are the samples with the highest density ``rho`` among those with ``eta < eta_max`` (not
@@ -67,7 +68,7 @@ def select_prototypes(features: Tensor, num_prototypes: int, percentile: float =
     Args:
         features: ``[m, D]`` features of the class's sampled images.
         num_prototypes: ``p`` (paper: 8).
-        percentile: position of ``S_c`` (paper: 40).
+        percentile: position of ``S_c``, see :func:`similarity_density` (paper: 60, "top 40%").
         eta_max: the ``eta`` threshold (paper: 0.95).
 
     Returns:
@@ -120,7 +121,7 @@ class SelfLearning(NoisyClassifier):
     default). From ``warmup_epochs`` on, every ``correction_interval`` epochs the label-correction phase runs
     at the start of the epoch: one pass over the whole training set in order and in eval mode (the
     DataModule's ``train_eval_dataloader()``, else the training dataset with the training loader's batch
-    size) gives the features ``backbone.features(x)``; for each class, ``num_sampled`` samples of that noisy
+    size) gives the features (:meth:`correction_features`); for each class, ``num_sampled`` samples of that noisy
     label are drawn at random, and :func:`select_prototypes` picks ``num_prototypes`` prototypes among them;
     every training sample gets the pseudo label :func:`pseudo_labels`. Training then minimises
     ``(1 - alpha) L(logits, noisy y) + alpha L(logits, pseudo y)``.
@@ -144,7 +145,12 @@ class SelfLearning(NoisyClassifier):
         alpha: weight of the pseudo-label term, in ``[0, 1]`` (paper: 0.5).
         num_sampled: ``m``, samples per class drawn for the prototypes (paper: 1280).
         num_prototypes: ``p``, prototypes per class (paper: 8).
-        percentile: position of ``S_c`` among the sorted similarities (paper: 40).
+        percentile: position of ``S_c`` among the sorted similarities, in % from the smallest (paper: 60,
+            the value "ranked top 40%").
+        feature_pooling: ``"none"`` takes ``backbone.features(x)``; ``"mean"`` averages
+            ``backbone.feature_map(x)`` ``[B, channels, ...]`` over its positions, a position-free feature
+            like the paper's globally pooled ResNet-50 output, for backbones whose ``features`` are a
+            flattened map (``cnn1d``). Used for the label correction only.
         eta_max: prototypes have ``eta < eta_max`` (paper: 0.95).
         seed: seed of the per-epoch sampling generator.
         **kwargs: the :class:`NoisyClassifier` arguments (``mixup_alpha`` must stay 0).
@@ -157,8 +163,9 @@ class SelfLearning(NoisyClassifier):
         alpha: float = 0.5,
         num_sampled: int = 1280,
         num_prototypes: int = 8,
-        percentile: float = 40.0,
+        percentile: float = 60.0,
         eta_max: float = 0.95,
+        feature_pooling: Literal["none", "mean"] = "none",
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
@@ -174,6 +181,13 @@ class SelfLearning(NoisyClassifier):
             raise ValueError(f"percentile must be in [0, 100], got {percentile}")
         if not -1.0 < float(eta_max) <= 1.0:
             raise ValueError(f"eta_max must be in (-1, 1], got {eta_max}")
+        if feature_pooling not in ("none", "mean"):
+            raise ValueError(f"feature_pooling must be 'none' or 'mean', got {feature_pooling!r}")
+        if feature_pooling == "mean" and not callable(getattr(self.backbone, "feature_map", None)):
+            raise ValueError(
+                f"feature_pooling='mean' needs a backbone with `feature_map(x)` [B, channels, ...]; "
+                f"{type(self.backbone).__name__} has none (its `features` may already be pooled: use 'none')"
+            )
         if num_prototypes > num_sampled:
             raise ValueError(f"num_prototypes ({num_prototypes}) must be <= num_sampled ({num_sampled})")
         if self.hparams.mixup_alpha > 0:
@@ -193,6 +207,12 @@ class SelfLearning(NoisyClassifier):
         """The CPU generator of ``epoch``'s sampling, seeded from ``(seed, epoch)``: the same on every rank."""
         return torch.Generator().manual_seed(int(self.hparams.seed) * 1_000_003 + int(epoch))
 
+    def correction_features(self, x: Tensor) -> Tensor:
+        """``[B, D]`` features of a batch for the label correction (see ``feature_pooling``)."""
+        if self.hparams.feature_pooling == "mean":
+            return self.backbone.feature_map(x).flatten(2).mean(2)
+        return self.backbone.features(x)
+
     @torch.no_grad()
     def training_features(self) -> Tensor:
         """``[N, D]`` features of the whole training set (eval mode, no grad), on this module's device."""
@@ -208,7 +228,7 @@ class SelfLearning(NoisyClassifier):
                 if index is None:
                     index = torch.arange(position, position + x.shape[0])
                 position += x.shape[0]
-                chunks.append((index.long().cpu(), self.backbone.features(x).float()))
+                chunks.append((index.long().cpu(), self.correction_features(x).float()))
         finally:
             self.train(was_training)
         index = torch.cat([c[0] for c in chunks])

@@ -56,12 +56,16 @@ class MNIST1DCNN(nn.Module):
         for _ in range(self.num_layers):
             layers += [nn.Conv1d(width, channels, self.kernel_size, self.stride, padding), nn.ReLU(inplace=True)]
             out_length, width = _conv_out_length(out_length, self.kernel_size, self.stride, padding), channels
-        self.body = nn.Sequential(*layers, nn.Flatten(1))
+        self.body = nn.Sequential(*layers)
         self.feature_dim = channels * out_length
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
         """Penultimate features ``[B, feature_dim]`` of inputs ``[B, C, L]`` (or ``[B, L]`` with one channel)."""
+        return self.feature_map(x).flatten(1)
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        """The last convolution's output ``[B, channels, L']`` (``L' = 5`` for length 40) before flattening."""
         if x.ndim == 2 and self.in_channels == 1:
             x = x.unsqueeze(1)
         if x.ndim != 3 or x.shape[1] != self.in_channels or x.shape[2] != self.length:
