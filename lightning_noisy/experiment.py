@@ -102,7 +102,10 @@ def run_config(config: str, overrides: Sequence[str] = (), seed: int = 0, thread
 
 
 def _run_job(job: tuple[str, tuple[str, ...], int]) -> RunResult:
-    return run_config(*job)
+    try:
+        return run_config(*job)
+    except SystemExit as err:  # the CLI's answer to bad arguments: a failed run, not the end of the grid
+        raise RuntimeError(f"the CLI rejected the arguments (exit status {err.code}; its message is above)") from None
 
 
 def _job_key(job: tuple[str, tuple[str, ...], int]) -> str:

@@ -50,8 +50,12 @@ def test_a_damaged_cache_file_is_run_again(tmp_path: Path) -> None:
 
 
 def test_a_failed_run_is_named_after_the_others_finish(tmp_path: Path) -> None:
-    jobs = [(CONFIG, (*TINY, "--data.init_args.noise_rate=1.5"), 0), (CONFIG, TINY, 0)]
-    with pytest.raises(RuntimeError, match=r"1 of 2 runs failed:\n.*noise_rate=1\.5"):
+    jobs = [
+        (CONFIG, (*TINY, "--data.init_args.noise_rate=1.5"), 0),  # the DataModule refuses it: ValueError
+        (CONFIG, (*TINY, "--model.init_args.no_such_option=1"), 0),  # the CLI parser refuses it: SystemExit
+        (CONFIG, TINY, 0),
+    ]
+    with pytest.raises(RuntimeError, match=r"(?s)2 of 3 runs failed:\n.*noise_rate=1\.5.*no_such_option.*CLI rejected"):
         run_many(jobs, processes=1, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.json"))) == 1  # the good run was kept
 
