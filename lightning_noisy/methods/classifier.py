@@ -89,6 +89,20 @@ def step_schedules(module: pl.LightningModule) -> None:
             schedule.step()
 
 
+def resize_sample_buffers(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, names: tuple[str, ...]) -> None:
+    """Give ``module``'s per-sample buffers ``names`` the shape they have in ``state_dict`` before it is loaded.
+
+    Their size ``[N, ...]`` is only known once the data is, so a fresh module holds empty buffers; call this
+    from ``_load_from_state_dict`` so that a checkpoint (or ``ddp_spawn`` handing rank 0's weights back to the
+    main process) loads into it.
+    """
+    for name in names:
+        saved = state_dict.get(prefix + name)
+        current = getattr(module, name)
+        if isinstance(saved, Tensor) and saved.shape != current.shape:
+            setattr(module, name, torch.zeros(saved.shape, dtype=current.dtype, device=current.device))
+
+
 class HeldOutAccuracy(pl.LightningModule):
     """Validation and test accuracy of ``self(x)`` as ``test/acc``, and the best so far as ``test/acc_best``.
 

@@ -28,6 +28,7 @@ from lightning_noisy.methods.classifier import (
     OptimizerName,
     SchedulerName,
     check_optimisation_args,
+    resize_sample_buffers,
     split_batch,
     step_schedules,
     two_network_optimizers,
@@ -326,10 +327,7 @@ class DivideMix(HeldOutAccuracy):
     # ------------------------------------------------------------------ state
     @override
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        for name in ("prob_a", "prob_b"):  # the divisions' size is only known once the data is
-            saved = state_dict.get(prefix + name)
-            if isinstance(saved, Tensor) and saved.shape != getattr(self, name).shape:
-                setattr(self, name, torch.zeros_like(saved, device=getattr(self, name).device))
+        resize_sample_buffers(self, state_dict, prefix, ("prob_a", "prob_b"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @override

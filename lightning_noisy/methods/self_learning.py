@@ -12,7 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_noisy.callbacks.base import find_training_labels, train_eval_loader
-from lightning_noisy.methods.classifier import NoisyClassifier, split_batch
+from lightning_noisy.methods.classifier import NoisyClassifier, resize_sample_buffers, split_batch
 from lightning_noisy.state import BatchContract
 
 __all__ = ["SelfLearning", "pseudo_labels", "select_prototypes", "similarity_density"]
@@ -284,10 +284,9 @@ class SelfLearning(NoisyClassifier):
             self.log("noisy/pseudo_label_recovery", recovery, on_step=False, on_epoch=True)
 
     @override
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        stored = checkpoint.get("state_dict", {}).get("pseudo_label")
-        if isinstance(stored, Tensor):  # size the buffer so load_state_dict accepts it
-            self.pseudo_label = torch.full_like(stored, -1, device=self.pseudo_label.device)
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        resize_sample_buffers(self, state_dict, prefix, ("pseudo_label",))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- training ------------------------------------------------------------------------------------
 
