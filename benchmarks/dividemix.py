@@ -45,14 +45,15 @@ def dividemix_settings(kind: str, rate: float) -> dict[str, float]:
     """DivideMix's per-setting hyperparameters: the paper's CIFAR-10 values (Appendix B, Table 7).
 
     ``lambda_u`` 0 at 20% symmetric and at asymmetric noise, 25 at 50% and 80% (and in between), 50 at
-    90% with ``p_threshold`` 0.6; the warm-up confidence penalty (weight 1) only for asymmetric noise.
+    90% with ``p_threshold`` 0.6 and, as the reference code does there, the losses averaged over the last 5
+    epochs; the warm-up confidence penalty (weight 1) only for asymmetric noise.
     """
     if kind == "asymmetric":
         return {"lambda_u": 0.0, "penalty_weight": 1.0}
     if rate <= 0.2:
         return {"lambda_u": 0.0}
     if rate >= 0.9:
-        return {"lambda_u": 50.0, "p_threshold": 0.6}
+        return {"lambda_u": 50.0, "p_threshold": 0.6, "loss_average_epochs": 5}
     return {"lambda_u": 25.0}
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_noisy.callbacks.base import train_eval_loader
+from lightning_noisy.callbacks.co_divide import clean_probability, normalise_losses
 from lightning_noisy.methods.dividemix import (
     DivideMix,
     co_guess,
@@ -106,6 +108,7 @@ def test_module_augmentation_follows_its_noise_and_shift_arguments() -> None:
         ({"augment_noise_std": float("inf")}, "augment_noise_std must be a finite number >= 0, got inf"),
         ({"augment_max_shift": 1.5}, "augment_max_shift must be an int >= 0, got 1.5"),
         ({"augment_max_shift": -1}, "augment_max_shift must be an int >= 0, got -1"),
+        ({"loss_average_epochs": 0}, "loss_average_epochs must be an int >= 1, got 0"),
     ],
 )
 def test_bad_arguments(kwargs: dict, match: str) -> None:
@@ -157,9 +160,11 @@ def test_short_mnist1d_run_divides_well(one_thread: None) -> None:
     assert float(fit.callback_metrics["test/acc_best"]) >= float(fit.callback_metrics["test/acc"])
 
 
-def test_resume_parity_at_epoch_boundary(tmp_path: Path, one_thread: None) -> None:
+@pytest.mark.parametrize("loss_average_epochs", [1, 2])
+def test_resume_parity_at_epoch_boundary(tmp_path: Path, one_thread: None, loss_average_epochs: int) -> None:
     def make() -> DivideMix:
-        return DivideMix(backbone="cnn1d", warmup_epochs=1, lambda_u=10.0, rampup_length=1, seed=0)
+        return DivideMix(backbone="cnn1d", warmup_epochs=1, lambda_u=10.0, rampup_length=1, seed=0,
+                         loss_average_epochs=loss_average_epochs)
 
     straight = make()
     trainer(max_epochs=3).fit(straight, datamodule=_data(300, batch_size=64))
@@ -173,11 +178,32 @@ def test_resume_parity_at_epoch_boundary(tmp_path: Path, one_thread: None) -> No
 
     resumed = make()
     trainer(max_epochs=3).fit(resumed, datamodule=_data(300, batch_size=64), ckpt_path=str(ckpt))
-    for name in ("prob_a", "prob_b", "best_acc"):
+    for name in ("prob_a", "prob_b", "best_acc", "loss_history", "divide_count"):
         torch.testing.assert_close(getattr(resumed, name), getattr(straight, name), rtol=0, atol=0)
     for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
     assert not torch.equal(straight.prob_a, first.prob_a)  # the third epoch did co-divide again
+
+
+class LossRecordingDivideMix(DivideMix):
+    """Keeps network a's normalised per-sample losses of every co-divide, computed the same way beforehand."""
+
+    def co_divide(self) -> None:
+        loader = train_eval_loader(self.trainer, "test")
+        self.recorded.append(normalise_losses(self.per_sample_losses(self.net_a, loader, self.prob_a.numel()).cpu()))
+        super().co_divide()
+
+
+def test_division_fits_the_average_of_the_last_losses(one_thread: None) -> None:
+    model = LossRecordingDivideMix(backbone="cnn1d", warmup_epochs=1, lambda_u=10.0, rampup_length=1, seed=0,
+                                   loss_average_epochs=2)
+    model.recorded = []
+    trainer(max_epochs=4).fit(model, datamodule=_data(300, batch_size=64))
+    assert len(model.recorded) == 3 and int(model.divide_count) == 3  # epochs 1, 2 and 3
+    expected = clean_probability((model.recorded[1] + model.recorded[2]) / 2, seed=0)  # the last two
+    torch.testing.assert_close(model.prob_a, expected.to(model.prob_a), rtol=0, atol=0)
+    assert not torch.equal(model.prob_a, clean_probability(model.recorded[2], seed=0).to(model.prob_a))
+    assert model.loss_history.shape == (2, 2, 240)
 
 
 class RankCheckedDivideMix(DivideMix):

@@ -233,6 +233,8 @@ class DivideMix(HeldOutAccuracy):
             ``None`` uses :func:`default_augment` (noise and a small shift, a generic default).
         augment_noise_std: noise of :func:`default_augment`, in multiples of each sample's std (>= 0).
         augment_max_shift: largest circular shift of :func:`default_augment`, in positions (int >= 0).
+        loss_average_epochs: the GMM is fit to each sample's min-max-normalised loss averaged over the last
+            this many co-divides (reference code: 5 at 90% noise, else 1); the history is checkpointed.
         gmm_max_iter: iterations of the GMM fit (reference: 10).
         gmm_reg_covar: covariance regularisation of the GMM (reference: 5e-4).
         seed: network a is initialised from ``seed``, network b from ``seed + 1`` (global RNG untouched); also
@@ -262,6 +264,7 @@ class DivideMix(HeldOutAccuracy):
         augment: Callable[[Tensor], Tensor] | None = None,
         augment_noise_std: float = 0.05,
         augment_max_shift: int = 2,
+        loss_average_epochs: int = 1,
         gmm_max_iter: int = 10,
         gmm_reg_covar: float = 5e-4,
         seed: int = 0,
@@ -297,6 +300,8 @@ class DivideMix(HeldOutAccuracy):
             raise ValueError(f"augment_noise_std must be a finite number >= 0, got {augment_noise_std!r}")
         if isinstance(augment_max_shift, bool) or not isinstance(augment_max_shift, int) or augment_max_shift < 0:
             raise ValueError(f"augment_max_shift must be an int >= 0, got {augment_max_shift!r}")
+        if isinstance(loss_average_epochs, bool) or not isinstance(loss_average_epochs, int) or loss_average_epochs < 1:
+            raise ValueError(f"loss_average_epochs must be an int >= 1, got {loss_average_epochs!r}")
         if isinstance(gmm_max_iter, bool) or not isinstance(gmm_max_iter, int) or gmm_max_iter < 1:
             raise ValueError(f"gmm_max_iter must be an int >= 1, got {gmm_max_iter!r}")
         _check_positive("gmm_reg_covar", gmm_reg_covar)
@@ -313,6 +318,9 @@ class DivideMix(HeldOutAccuracy):
         # clean probabilities [N] of the last co-divide (all ones before the first one)
         self.register_buffer("prob_a", torch.zeros(0))
         self.register_buffer("prob_b", torch.zeros(0))
+        # normalised losses [2, K, N] of the last K co-divides (networks a, b; only with K > 1) and their count
+        self.register_buffer("loss_history", torch.zeros(0))
+        self.register_buffer("divide_count", torch.zeros((), dtype=torch.long))
         self._is_clean: Tensor | None = None
         self._unlabelled_pools: tuple[Tensor, Tensor] = (torch.zeros(0, dtype=torch.long),) * 2
         self._empty_input: Tensor = torch.zeros(0)
@@ -327,7 +335,7 @@ class DivideMix(HeldOutAccuracy):
     # ------------------------------------------------------------------ state
     @override
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        resize_sample_buffers(self, state_dict, prefix, ("prob_a", "prob_b"))
+        resize_sample_buffers(self, state_dict, prefix, ("prob_a", "prob_b", "loss_history"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @override
@@ -337,6 +345,11 @@ class DivideMix(HeldOutAccuracy):
         if self.prob_a.shape != (n,) or self.prob_b.shape != (n,):
             self.prob_a = torch.ones(n, device=self.device)
             self.prob_b = torch.ones(n, device=self.device)
+        window = int(self.hparams.loss_average_epochs)
+        history_shape = (2, window, n) if window > 1 else (0,)
+        if self.loss_history.shape != history_shape:
+            self.loss_history = torch.zeros(history_shape, device="cpu")
+            self.divide_count.zero_()
         self._is_clean = None if labels.clean is None else (labels.clean == labels.noisy).to(self.device)
 
     @property
@@ -364,15 +377,20 @@ class DivideMix(HeldOutAccuracy):
 
     def co_divide(self) -> None:
         """Fit the division of each network on its per-sample losses; fills ``prob_a`` and ``prob_b``."""
-        from lightning_noisy.callbacks.co_divide import clean_probability
+        from lightning_noisy.callbacks.co_divide import clean_probability, normalise_losses
 
         loader = train_eval_loader(self.trainer, "DivideMix")
         n = int(self.prob_a.shape[0])
         hp = self.hparams
-        for name, net in (("prob_a", self.net_a), ("prob_b", self.net_b)):
-            losses = self.per_sample_losses(net, loader, n)
-            prob = clean_probability(losses.cpu(), max_iter=hp.gmm_max_iter, reg_covar=hp.gmm_reg_covar, seed=hp.seed)
+        window, count = int(hp.loss_average_epochs), int(self.divide_count)
+        for row, (name, net) in enumerate((("prob_a", self.net_a), ("prob_b", self.net_b))):
+            losses = self.per_sample_losses(net, loader, n).cpu()
+            if window > 1:  # the ring's slots fill in order, so the first min(count + 1, K) hold the last ones
+                self.loss_history[row, count % window] = normalise_losses(losses).to(self.loss_history)
+                losses = self.loss_history[row, : min(count + 1, window)].mean(0)
+            prob = clean_probability(losses, max_iter=hp.gmm_max_iter, reg_covar=hp.gmm_reg_covar, seed=hp.seed)
             getattr(self, name).copy_(prob.to(self.prob_a))
+        self.divide_count += 1
         threshold = hp.p_threshold
         # network a is trained with b's division and b with a's: their unlabelled sets, as CPU indices
         self._unlabelled_pools = (torch.nonzero(self.prob_b <= threshold).flatten().cpu(),
