@@ -150,21 +150,42 @@ def uniform_prior_penalty(logits: Tensor) -> Tensor:
 
 
 def default_augment(
-    x: Tensor, generator: torch.Generator | None = None, noise_std: float = 0.05, max_shift: int = 2
+    x: Tensor,
+    generator: torch.Generator | None = None,
+    noise_std: float = 0.05,
+    max_shift: int = 2,
+    max_scale: float = 0.0,
+    max_trend: float = 0.0,
 ) -> Tensor:
-    """A generic augmentation for any ``[B, ..., L]`` tensor: Gaussian noise and a random circular shift.
+    """A generic augmentation for any ``[B, ..., L]`` tensor: scaling, a linear trend, noise, a circular shift.
 
-    Noise of standard deviation ``noise_std`` times each sample's standard deviation is added, then each
-    sample is rolled along its last dimension by a random integer in ``[-max_shift, max_shift]``. It suits
-    1-D signals such as MNIST-1D; for images pass a real augmentation (e.g. a torchvision transform).
+    Per sample, in this order: the values are multiplied by a factor drawn from ``[1 - max_scale, 1 +
+    max_scale]``; a linear trend running from ``-t`` to ``t`` along the last dimension is added, with ``t``
+    drawn from ``[-max_trend, max_trend]`` times the sample's standard deviation; Gaussian noise of standard
+    deviation ``noise_std`` times that standard deviation is added; the result is rolled along the last
+    dimension by a random integer in ``[-max_shift, max_shift]``. Scaling, shear (a trend), noise and circular
+    translation are the nuisances MNIST-1D's generator itself applies (Greydanus 2020); for images pass a
+    real augmentation (e.g. a torchvision transform). The defaults only add noise and shift a little.
     """
     if x.shape[0] == 0:
         return x
     flat = x.flatten(1)
     scale = flat.float().std(dim=1, unbiased=False).to(x.dtype) if flat.shape[1] > 1 else torch.ones_like(flat[:, 0])
+    per_sample = (x.shape[0], *([1] * (x.ndim - 1)))
+    scale = scale.view(per_sample)
     device = generator.device if generator is not None else x.device
+
+    def uniform(bound: float) -> Tensor:  # [B, 1, ...] draws from [-bound, bound]
+        return ((2 * torch.rand(x.shape[0], generator=generator, device=device) - 1) * bound).to(x).view(per_sample)
+
+    out = x
+    if max_scale > 0:
+        out = out * (1 + uniform(max_scale))
+    if max_trend > 0 and x.ndim >= 2:
+        ramp = torch.linspace(-1.0, 1.0, x.shape[-1], device=x.device, dtype=x.dtype)
+        out = out + uniform(max_trend) * scale * ramp
     noise = torch.randn(x.shape, generator=generator, device=device).to(x)
-    out = x + noise_std * scale.view(-1, *([1] * (x.ndim - 1))) * noise
+    out = out + noise_std * scale * noise
     if max_shift > 0 and x.ndim >= 2:
         length = x.shape[-1]
         shift = torch.randint(-max_shift, max_shift + 1, (x.shape[0],), generator=generator, device=device).to(x.device)
@@ -233,6 +254,9 @@ class DivideMix(HeldOutAccuracy):
             ``None`` uses :func:`default_augment` (noise and a small shift, a generic default).
         augment_noise_std: noise of :func:`default_augment`, in multiples of each sample's std (>= 0).
         augment_max_shift: largest circular shift of :func:`default_augment`, in positions (int >= 0).
+        augment_max_scale: largest relative change of amplitude of :func:`default_augment` (in [0, 1)).
+        augment_max_trend: largest linear trend of :func:`default_augment`, in multiples of each sample's
+            std (>= 0).
         loss_average_epochs: the GMM is fit to each sample's min-max-normalised loss averaged over the last
             this many co-divides (reference code: 5 at 90% noise, else 1); the history is checkpointed.
         gmm_max_iter: iterations of the GMM fit (reference: 10).
@@ -264,6 +288,8 @@ class DivideMix(HeldOutAccuracy):
         augment: Callable[[Tensor], Tensor] | None = None,
         augment_noise_std: float = 0.05,
         augment_max_shift: int = 2,
+        augment_max_scale: float = 0.0,
+        augment_max_trend: float = 0.0,
         loss_average_epochs: int = 1,
         gmm_max_iter: int = 10,
         gmm_reg_covar: float = 5e-4,
@@ -298,6 +324,12 @@ class DivideMix(HeldOutAccuracy):
         if (isinstance(augment_noise_std, bool) or not isinstance(augment_noise_std, (int, float))
                 or not 0 <= augment_noise_std < math.inf):
             raise ValueError(f"augment_noise_std must be a finite number >= 0, got {augment_noise_std!r}")
+        if (isinstance(augment_max_scale, bool) or not isinstance(augment_max_scale, (int, float))
+                or not 0 <= augment_max_scale < 1):
+            raise ValueError(f"augment_max_scale must be a number in [0, 1), got {augment_max_scale!r}")
+        if (isinstance(augment_max_trend, bool) or not isinstance(augment_max_trend, (int, float))
+                or not 0 <= augment_max_trend < math.inf):
+            raise ValueError(f"augment_max_trend must be a finite number >= 0, got {augment_max_trend!r}")
         if isinstance(augment_max_shift, bool) or not isinstance(augment_max_shift, int) or augment_max_shift < 0:
             raise ValueError(f"augment_max_shift must be an int >= 0, got {augment_max_shift!r}")
         if isinstance(loss_average_epochs, bool) or not isinstance(loss_average_epochs, int) or loss_average_epochs < 1:
@@ -431,7 +463,8 @@ class DivideMix(HeldOutAccuracy):
         if self.augment is not None:
             return self.augment(x)
         hp = self.hparams
-        return default_augment(x, generator, noise_std=float(hp.augment_noise_std), max_shift=int(hp.augment_max_shift))
+        return default_augment(x, generator, noise_std=float(hp.augment_noise_std), max_shift=int(hp.augment_max_shift),
+                               max_scale=float(hp.augment_max_scale), max_trend=float(hp.augment_max_trend))
 
     def mixmatch_loss(
         self,
