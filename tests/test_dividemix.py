@@ -90,6 +90,35 @@ def test_module_augmentation_follows_its_noise_and_shift_arguments() -> None:
     assert int(matches[[0, 6]].any(0).sum()) > 0  # and the largest shifts occur
 
 
+def test_default_augment_scale_by_hand() -> None:
+    x = torch.randn(6, 1, 40)
+    out = default_augment(x, torch.Generator().manual_seed(3), noise_std=0.0, max_shift=0, max_scale=0.25)
+    factors = 1 + (2 * torch.rand(6, generator=torch.Generator().manual_seed(3)) - 1) * 0.25  # the first draw
+    torch.testing.assert_close(out, x * factors.view(6, 1, 1))
+
+
+def test_default_augment_trend_is_a_bounded_line() -> None:
+    x = torch.randn(200, 1, 40)
+    out = default_augment(x, torch.Generator().manual_seed(4), noise_std=0.0, max_shift=0, max_trend=0.5)
+    added = (out - x).squeeze(1)  # [B, L]: per sample c * std * linspace(-1, 1)
+    std = x.flatten(1).std(dim=1, unbiased=False)
+    slope = added[:, -1] / std  # c, since the ramp ends at 1
+    torch.testing.assert_close(added, (slope * std)[:, None] * torch.linspace(-1, 1, 40)[None, :])
+    assert float(slope.abs().max()) <= 0.5 and float(slope.abs().max()) > 0.4  # within the bound, and reaching it
+    assert float(slope.min()) < 0 < float(slope.max())
+
+
+def test_default_augment_without_scale_or_trend_draws_as_before() -> None:
+    # with both at 0 the generator's draws are unchanged: noise, then the shift
+    x = torch.randn(8, 1, 40)
+    generator = torch.Generator().manual_seed(5)
+    noise = torch.randn(x.shape, generator=generator)
+    shift = torch.randint(-2, 3, (8,), generator=generator)
+    expected = torch.stack([torch.roll(row, int(k), dims=-1) for row, k in
+                            zip(x + 0.05 * x.flatten(1).std(1, unbiased=False).view(8, 1, 1) * noise, shift)])
+    torch.testing.assert_close(default_augment(x, torch.Generator().manual_seed(5)), expected)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -109,6 +138,10 @@ def test_module_augmentation_follows_its_noise_and_shift_arguments() -> None:
         ({"augment_max_shift": 1.5}, "augment_max_shift must be an int >= 0, got 1.5"),
         ({"augment_max_shift": -1}, "augment_max_shift must be an int >= 0, got -1"),
         ({"loss_average_epochs": 0}, "loss_average_epochs must be an int >= 1, got 0"),
+        ({"augment_max_scale": 1.0}, r"augment_max_scale must be a number in \[0, 1\), got 1.0"),
+        ({"augment_max_scale": -0.1}, r"augment_max_scale must be a number in \[0, 1\), got -0.1"),
+        ({"augment_max_trend": -1.0}, "augment_max_trend must be a finite number >= 0, got -1.0"),
+        ({"augment_max_trend": float("nan")}, "augment_max_trend must be a finite number >= 0, got nan"),
     ],
 )
 def test_bad_arguments(kwargs: dict, match: str) -> None:
