@@ -201,7 +201,9 @@ class DivideMix(HeldOutAccuracy):
 
     *Warm-up* (epochs ``< warmup_epochs``): both networks are trained with cross-entropy on the noisy labels,
     plus ``penalty_weight`` times the negative entropy of the predictions (the paper's confidence penalty for
-    asymmetric noise; 0 by default).
+    asymmetric noise; 0 by default). With ``warmup_augment`` (the default) each network sees its own random
+    augmentation of the batch, as the reference code's warm-up loader applies the training transform; the
+    network then enters MixMatch already used to augmented inputs.
 
     *Co-divide* (start of every later epoch): for each network an evaluation pass over the whole training set
     (``trainer.datamodule.train_eval_dataloader()``, or the training dataset in order when the DataModule has
@@ -243,6 +245,8 @@ class DivideMix(HeldOutAccuracy):
         num_classes: number of classes ``C``.
         backbone_kwargs: extra arguments of the backbone.
         warmup_epochs: epochs of cross-entropy warm-up (paper: 10 on CIFAR-10, 30 on CIFAR-100).
+        warmup_augment: augment the warm-up batches too (reference code: yes); ``False`` warms up on the
+            inputs as they come.
         p_threshold: clean-probability threshold of the division (paper: 0.5; 0.6 at 90% symmetric noise).
         lambda_u: final weight of the unlabelled loss (paper: 0 to 150 depending on the noise, see the configs).
         rampup_length: epochs of the linear ramp of ``lambda_u`` after warm-up (reference code: 16).
@@ -279,6 +283,7 @@ class DivideMix(HeldOutAccuracy):
         num_classes: int = 10,
         backbone_kwargs: dict[str, Any] | None = None,
         warmup_epochs: int = 10,
+        warmup_augment: bool = True,
         p_threshold: float = 0.5,
         lambda_u: float = 25.0,
         rampup_length: int = 16,
@@ -312,6 +317,8 @@ class DivideMix(HeldOutAccuracy):
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be an int >= 0, got {warmup_epochs!r}")
+        if not isinstance(warmup_augment, bool):
+            raise ValueError(f"warmup_augment must be a bool, got {warmup_augment!r}")
         if isinstance(p_threshold, bool) or not isinstance(p_threshold, (int, float)) or not 0 < p_threshold < 1:
             raise ValueError(f"p_threshold must be a number in (0, 1), got {p_threshold!r}")
         linear_rampup(0.0, 0, lambda_u, rampup_length)  # validates lambda_u and rampup_length
@@ -544,8 +551,12 @@ class DivideMix(HeldOutAccuracy):
         x, y = split_batch(batch)
         optimizer_a, optimizer_b = self.optimizers()  # type: ignore[misc]
         if self.in_warmup:
-            loss_a, logits_a = self.warmup_loss(self.net_a, x, y)
-            loss_b, _ = self.warmup_loss(self.net_b, x, y)
+            x_a = x_b = x
+            if self.hparams.warmup_augment:  # one augmentation per network
+                generator = self._generator(x.device, batch_idx)
+                x_a, x_b = self._augment(x, generator), self._augment(x, generator)
+            loss_a, logits_a = self.warmup_loss(self.net_a, x_a, y)
+            loss_b, _ = self.warmup_loss(self.net_b, x_b, y)
             lambda_u = 0.0
         else:
             index = self._batch_index(batch).to(self.prob_a.device)
