@@ -123,6 +123,7 @@ def test_default_augment_without_scale_or_trend_draws_as_before() -> None:
     ("kwargs", "match"),
     [
         ({"warmup_epochs": -1}, "warmup_epochs"),
+        ({"warmup_augment": 1}, "warmup_augment must be a bool, got 1"),
         ({"p_threshold": 1.0}, "p_threshold"),
         ({"lambda_u": -1.0}, "lambda_u"),
         ({"temperature": 0.0}, "temperature"),
@@ -191,6 +192,44 @@ def test_short_mnist1d_run_divides_well(one_thread: None) -> None:
     assert 0.3 < float(fit.callback_metrics["codivide/labelled_fraction"]) < 0.95
     assert model.prob_a.shape == (3200,) and torch.isfinite(model.prob_a).all()
     assert float(fit.callback_metrics["test/acc_best"]) >= float(fit.callback_metrics["test/acc"])
+
+
+class WarmupInputRecorder(DivideMix):
+    """Records each training batch's inputs and the inputs each network's warm-up loss receives."""
+
+    def training_step(self, batch, batch_idx):
+        self.batches.append(batch[0].clone())
+        return super().training_step(batch, batch_idx)
+
+    def warmup_loss(self, net, x, y):
+        self.seen.append((net is self.net_a, x.clone()))
+        return super().warmup_loss(net, x, y)
+
+
+def _record_warmup(**kwargs) -> WarmupInputRecorder:
+    model = WarmupInputRecorder(backbone="cnn1d", warmup_epochs=2, seed=0, **kwargs)
+    model.batches, model.seen = [], []
+    trainer(max_epochs=1).fit(model, datamodule=_data(300, batch_size=64))
+    assert len(model.seen) == 2 * len(model.batches) == 2 * 4  # both networks, 4 batches of 240 samples
+    assert [is_a for is_a, _ in model.seen] == [True, False] * 4
+    return model
+
+
+@pytest.mark.parametrize(("warmup_augment", "factor"), [(True, 2.0), (False, 1.0)])
+def test_warmup_feeds_the_augmented_batch_when_asked(one_thread: None, warmup_augment: bool, factor: float) -> None:
+    model = _record_warmup(augment=lambda x: 2.0 * x, warmup_augment=warmup_augment)
+    for i, x in enumerate(model.batches):
+        for _, seen in model.seen[2 * i: 2 * i + 2]:
+            torch.testing.assert_close(seen, factor * x, rtol=0, atol=0)
+
+
+def test_warmup_default_augmentation_differs_per_network_and_repeats(one_thread: None) -> None:
+    first, second = _record_warmup(), _record_warmup()
+    for i, x in enumerate(first.batches):
+        (_, to_a), (_, to_b) = first.seen[2 * i: 2 * i + 2]
+        assert not torch.equal(to_a, x) and not torch.equal(to_b, x) and not torch.equal(to_a, to_b)
+        assert to_a.shape == x.shape
+        torch.testing.assert_close(second.seen[2 * i][1], to_a, rtol=0, atol=0)  # seeded by (seed, epoch, batch)
 
 
 @pytest.mark.parametrize("loss_average_epochs", [1, 2])
