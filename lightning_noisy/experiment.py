@@ -108,12 +108,24 @@ def _run_job(job: tuple[str, tuple[str, ...], int]) -> RunResult:
         raise RuntimeError(f"the CLI rejected the arguments (exit status {err.code}; its message is above)") from None
 
 
-def _job_key(job: tuple[str, tuple[str, ...], int]) -> str:
-    """A file name that identifies ``(config, overrides, seed)`` and the config file's current text."""
+def package_digest() -> str:
+    """SHA-256 of the text of every ``lightning_noisy`` source file, as imported (path and content).
+
+    Part of a cached run's key, so that a run made by other code (another commit, an edit) is not reused.
+    """
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _job_key(job: tuple[str, tuple[str, ...], int], code: str) -> str:
+    """A file name for ``(config, overrides, seed)``, the config file's current text and the code digest."""
     config, overrides, seed = job
     text = Path(config).read_bytes() if Path(config).is_file() else b""
-    digest = hashlib.sha256(json.dumps([config, list(overrides), seed]).encode() + b"\0" + text).hexdigest()
-    return f"{Path(config).stem}-s{seed}-{digest[:16]}.json"
+    key = json.dumps([config, list(overrides), seed, code]).encode() + b"\0" + text
+    return f"{Path(config).stem}-s{seed}-{hashlib.sha256(key).hexdigest()[:16]}.json"
 
 
 def _load_cached(path: Path) -> RunResult | None:
@@ -136,9 +148,9 @@ def run_many(
     """Run ``(config, overrides, seed)`` jobs in ``processes`` workers (one thread each); results in job order.
 
     With ``cache_dir``, each finished run is stored there as JSON under a key of its config (path and
-    text), overrides and seed, and a job whose result is already stored is not run again, so an
-    interrupted or extended grid only runs what is missing (the key does not cover the package's code:
-    empty the folder after changing it). Each finished run prints one line. A failed run does not stop
+    text), overrides, seed and :func:`package_digest`, and a job whose result is already stored is not
+    run again, so an interrupted or extended grid only runs what is missing, and a change to the package's
+    code starts afresh. Each finished run prints one line. A failed run does not stop
     the others; once they are done, a ``RuntimeError`` names the failed jobs.
     """
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
@@ -147,7 +159,8 @@ def run_many(
     cache = None if cache_dir is None else Path(cache_dir)
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
-    paths = [None if cache is None else cache / _job_key(job) for job in jobs]
+    code = package_digest() if cache is not None else ""
+    paths = [None if cache is None else cache / _job_key(job, code) for job in jobs]
     results: list[RunResult | None] = [None if p is None else _load_cached(p) for p in paths]
     todo = [i for i, r in enumerate(results) if r is None]
     start = time.perf_counter()

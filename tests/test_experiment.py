@@ -38,6 +38,31 @@ def test_cached_runs_are_reused_and_equal_the_first(tmp_path: Path, monkeypatch:
         run_many([(CONFIG, TINY, 2)], processes=1, cache_dir=tmp_path)
 
 
+def test_a_run_made_by_other_code_is_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    job = (CONFIG, TINY, 0)
+    run_many([job], processes=1, cache_dir=tmp_path)
+    monkeypatch.setattr(experiment, "_run_job", _refuse)
+    run_many([job], processes=1, cache_dir=tmp_path)  # same code: from the cache
+    monkeypatch.setattr(experiment, "package_digest", lambda: "0" * 64)  # as after an edit of the package
+    with pytest.raises(RuntimeError, match="should have come from the cache"):
+        run_many([job], processes=1, cache_dir=tmp_path)
+
+
+def test_package_digest_changes_with_the_source_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    original = experiment.package_digest()
+    copy = tmp_path / "lightning_noisy"
+    shutil.copytree(Path(experiment.__file__).resolve().parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(experiment, "__file__", str(copy / "experiment.py"))  # digest the copy instead
+    assert experiment.package_digest() == original  # same files, same text: same digest wherever they lie
+    (copy / "notes.txt").write_text("not source")
+    assert experiment.package_digest() == original  # only .py files count
+    losses = copy / "losses" / "robust.py"
+    losses.write_text(losses.read_text() + "\n# an edit\n")
+    assert experiment.package_digest() != original
+
+
 def test_a_damaged_cache_file_is_run_again(tmp_path: Path) -> None:
     job = (CONFIG, TINY, 0)
     (first,) = run_many([job], processes=1, cache_dir=tmp_path)
