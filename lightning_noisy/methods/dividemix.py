@@ -361,7 +361,10 @@ class DivideMix(HeldOutAccuracy):
         self.register_buffer("loss_history", torch.zeros(0))
         self.register_buffer("divide_count", torch.zeros((), dtype=torch.long))
         self._is_clean: Tensor | None = None
+        # per network (a, b), as CPU dataset indices: the labelled set in this epoch's order, the unlabelled set
+        self._labelled_orders: tuple[Tensor, Tensor] = (torch.zeros(0, dtype=torch.long),) * 2
         self._unlabelled_pools: tuple[Tensor, Tensor] = (torch.zeros(0, dtype=torch.long),) * 2
+        self._noisy_labels: Tensor = torch.zeros(0, dtype=torch.long)
         self._empty_input: Tensor = torch.zeros(0)
 
     # ------------------------------------------------------------------ prediction
@@ -390,6 +393,7 @@ class DivideMix(HeldOutAccuracy):
             self.loss_history = torch.zeros(history_shape, device="cpu")
             self.divide_count.zero_()
         self._is_clean = None if labels.clean is None else (labels.clean == labels.noisy).to(self.device)
+        self._noisy_labels = labels.noisy.cpu()
 
     @property
     def in_warmup(self) -> bool:
@@ -431,9 +435,15 @@ class DivideMix(HeldOutAccuracy):
             getattr(self, name).copy_(prob.to(self.prob_a))
         self.divide_count += 1
         threshold = hp.p_threshold
-        # network a is trained with b's division and b with a's: their unlabelled sets, as CPU indices
-        self._unlabelled_pools = (torch.nonzero(self.prob_b <= threshold).flatten().cpu(),
-                                  torch.nonzero(self.prob_a <= threshold).flatten().cpu())
+        # network a is trained with b's division and b with a's: their labelled sets in a random order, the same
+        # on every rank (one pass per epoch, as the reference's labelled loader), and their unlabelled sets
+        order = torch.Generator().manual_seed(hash((int(hp.seed), int(self.current_epoch), "labelled")) % 2**62)
+        orders, pools = [], []
+        for peer_prob in (self.prob_b, self.prob_a):
+            labelled = torch.nonzero(peer_prob > threshold).flatten().cpu()
+            orders.append(labelled[torch.randperm(labelled.numel(), generator=order)])
+            pools.append(torch.nonzero(peer_prob <= threshold).flatten().cpu())
+        self._labelled_orders, self._unlabelled_pools = (orders[0], orders[1]), (pools[0], pools[1])
         fraction = ((self.prob_a > threshold).float().mean() + (self.prob_b > threshold).float().mean()) / 2
         self.log("codivide/labelled_fraction", fraction)
         if self._is_clean is not None and self._is_clean.any() and not self._is_clean.all():
@@ -522,21 +532,33 @@ class DivideMix(HeldOutAccuracy):
             loss = loss + lambda_u * ((torch.softmax(logits[2 * n_x:], 1) - mixed_target[2 * n_x:]) ** 2).mean()
         return loss
 
+    def fetch_inputs(self, indices: Tensor) -> Tensor:
+        """``[len(indices), ...]`` training inputs of the dataset indices ``indices``, on the module's device.
+
+        The inputs come from the training dataset itself (its own transform applied), as the reference
+        code's labelled and unlabelled loaders do.
+        """
+        dataset = training_dataset(self.trainer, "DivideMix")
+        items = [dataset[int(i)] for i in indices]
+        if not items:
+            return self._empty_input
+        return default_collate([item[0] for item in items]).to(self.device)
+
     def draw_unlabelled(self, pool: Tensor, count: int, generator: torch.Generator | None) -> Tensor:
         """``[count, ...]`` training inputs drawn with replacement from the dataset indices ``pool [U]``.
 
-        The inputs come from the training dataset itself (its own transform applied), as the reference
-        code's unlabelled loader does; fewer when the pool is empty (then none).
+        None when the pool is empty.
         """
         if pool.numel() == 0 or count == 0:
             count = 0
         device = generator.device if generator is not None else torch.device("cpu")
         draw = torch.randint(max(pool.numel(), 1), (count,), generator=generator, device=device).cpu()
-        dataset = training_dataset(self.trainer, "DivideMix")
-        items = [dataset[int(i)] for i in pool[draw]]
-        if not items:
-            return self._empty_input
-        return default_collate([item[0] for item in items]).to(self.device)
+        return self.fetch_inputs(pool[draw])
+
+    def labelled_batch_size(self, x: Tensor) -> int:
+        """The labelled batch size: the training loader's batch size (else this batch's), on every rank."""
+        size = getattr(self.trainer.train_dataloader, "batch_size", None)
+        return int(size) if isinstance(size, int) and size > 0 else int(x.shape[0])
 
     def warmup_loss(self, net: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-entropy plus ``penalty_weight`` times the negative entropy; ``(loss, logits)``."""
@@ -550,6 +572,7 @@ class DivideMix(HeldOutAccuracy):
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         x, y = split_batch(batch)
         optimizer_a, optimizer_b = self.optimizers()  # type: ignore[misc]
+        trains = [True, True]
         if self.in_warmup:
             x_a = x_b = x
             if self.hparams.warmup_augment:  # one augmentation per network
@@ -559,24 +582,28 @@ class DivideMix(HeldOutAccuracy):
             loss_b, _ = self.warmup_loss(self.net_b, x_b, y)
             lambda_u = 0.0
         else:
-            index = self._batch_index(batch).to(self.prob_a.device)
             hp = self.hparams
             progress = self.current_epoch + batch_idx / max(1, int(self.trainer.num_training_batches))
             lambda_u = linear_rampup(progress, hp.warmup_epochs, hp.lambda_u, hp.rampup_length)
             generator = self._generator(x.device, batch_idx)
             self._empty_input = x[:0]
-            losses = []
+            size, world, rank = self.labelled_batch_size(x), self.trainer.world_size, self.trainer.global_rank
+            first = batch_idx * world * size  # where this step's labelled batches begin, over all ranks
+            losses, trains = [], []
             # network a learns from b's division and guesses with b; b symmetrically
-            for net, peer, prob, pool in ((self.net_a, self.net_b, self.prob_b, self._unlabelled_pools[0]),
-                                          (self.net_b, self.net_a, self.prob_a, self._unlabelled_pools[1])):
-                w = prob[index]
-                labelled = (w > hp.p_threshold).to(x.device)
-                if not bool(labelled.any()):  # no labelled sample here: this batch does not train the network
-                    losses.append(0.0 * net(x[:1]).sum())
+            for net, peer, prob, order, pool in (
+                (self.net_a, self.net_b, self.prob_b, self._labelled_orders[0], self._unlabelled_pools[0]),
+                (self.net_b, self.net_a, self.prob_a, self._labelled_orders[1], self._unlabelled_pools[1]),
+            ):
+                trains.append(first < order.numel())  # the same on every rank
+                chosen = order[first + rank * size: first + (rank + 1) * size]
+                if chosen.numel() == 0:  # the pass is over, or this rank's share is: a zero loss whose backward
+                    losses.append(0.0 * net(x[:1]).sum())  # still runs, as DDP expects after every forward
                     continue
-                x_u = self.draw_unlabelled(pool, int(labelled.sum()), generator)
-                losses.append(self.mixmatch_loss(net, peer, x[labelled], y[labelled], w[labelled.to(w.device)],
-                                                 x_u, lambda_u, generator))
+                x_u = self.draw_unlabelled(pool, chosen.numel(), generator)
+                losses.append(self.mixmatch_loss(net, peer, self.fetch_inputs(chosen),
+                                                 self._noisy_labels[chosen].to(self.device),
+                                                 prob[chosen.to(prob.device)], x_u, lambda_u, generator))
             loss_a, loss_b = losses
             logits_a = None
             if BatchContract.current_index(self) is not None:  # a callback on the batch contract reads logits
@@ -585,11 +612,14 @@ class DivideMix(HeldOutAccuracy):
         optimizer_a.zero_grad()
         optimizer_b.zero_grad()
         self.manual_backward(loss_a + loss_b)  # disjoint graphs: each network gets only its own gradient
-        optimizer_a.step()
-        optimizer_b.step()
+        for optimizer, step in zip((optimizer_a, optimizer_b), trains):
+            if step:  # no step once the network's labelled pass is over (no momentum or decay either)
+                optimizer.step()
         batch_size = int(x.shape[0])
-        self.log("train/loss_a", loss_a.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
-        self.log("train/loss_b", loss_b.detach(), on_step=False, on_epoch=True, batch_size=batch_size)
+        for key, loss, step in (("train/loss_a", loss_a, trains[0]), ("train/loss_b", loss_b, trains[1])):
+            if step:  # the mean over the steps that trained the network
+                self.log(key, loss.detach(), on_step=False, on_epoch=True, prog_bar=key == "train/loss_a",
+                         batch_size=batch_size)
         self.log("train/lambda_u", lambda_u, on_step=False, on_epoch=True, batch_size=batch_size)
         out = {"loss": (loss_a + loss_b).detach()}
         return out if logits_a is None else {**out, "logits": logits_a}
