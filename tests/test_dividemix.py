@@ -15,6 +15,7 @@ from lightning_noisy.methods.dividemix import (
     co_guess,
     co_refine,
     default_augment,
+    labelled_slice,
     linear_rampup,
     mixmatch_lambda,
     sharpen,
@@ -55,6 +56,26 @@ def test_co_guess_by_hand() -> None:
     p_peer = torch.tensor([[[0.4, 0.6]], [[0.6, 0.4]]])
     # mean of the four = [0.6, 0.4] -> sharpened [0.36, 0.16] / 0.52
     torch.testing.assert_close(co_guess(p_net, p_peer, 0.5), torch.tensor([[0.36 / 0.52, 0.16 / 0.52]]))
+
+
+def test_labelled_slice_by_hand() -> None:
+    order = torch.arange(10, 20)  # 10 labelled samples, batches of 3
+    assert labelled_slice(order, 0, 3).tolist() == [10, 11, 12]
+    assert labelled_slice(order, 3, 3).tolist() == [19]  # the short last batch
+    assert labelled_slice(order, 4, 3).numel() == 0  # the pass is over
+    # two ranks: step 0 takes positions 0-2 (rank 0) and 3-5 (rank 1), step 1 takes 6-8 and 9
+    assert [labelled_slice(order, k, 3, 2, r).tolist() for k in (0, 1, 2) for r in (0, 1)] == [
+        [10, 11, 12], [13, 14, 15], [16, 17, 18], [19], [], []]
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [((-1, 3), "step must be an int >= 0, got -1"), ((0, 0), "batch_size must be an int >= 1, got 0"),
+     ((0, 3, 2, 2), r"rank must be an int in \[0, 2\), got 2"), ((0, 3, 0), "world_size must be an int >= 1")],
+)
+def test_labelled_slice_bad_arguments(args: tuple, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        labelled_slice(torch.arange(4), *args)
 
 
 @pytest.mark.parametrize(
@@ -230,6 +251,39 @@ def test_warmup_default_augmentation_differs_per_network_and_repeats(one_thread:
         assert not torch.equal(to_a, x) and not torch.equal(to_b, x) and not torch.equal(to_a, to_b)
         assert to_a.shape == x.shape
         torch.testing.assert_close(second.seen[2 * i][1], to_a, rtol=0, atol=0)  # seeded by (seed, epoch, batch)
+
+
+class LabelledBatchRecorder(DivideMix):
+    """Records, per MixMatch step and network, the labelled batch and whether its optimiser stepped."""
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self.labelled_sets = [torch.nonzero(peer > self.hparams.p_threshold).flatten().cpu()
+                              for peer in (self.prob_b, self.prob_a)]  # network a learns from b's division
+
+    def mixmatch_loss(self, net, peer, x, y, w, x_u, lambda_u, generator):
+        self.batches.append((net is self.net_a, int(x.shape[0]), int(x_u.shape[0]), w.clone()))
+        return super().mixmatch_loss(net, peer, x, y, w, x_u, lambda_u, generator)
+
+
+def test_each_network_passes_once_over_its_peers_labelled_set(one_thread: None) -> None:
+    model = LabelledBatchRecorder(backbone="cnn1d", warmup_epochs=1, lambda_u=10.0, rampup_length=1, seed=0,
+                                  optimizer="adamw", lr=1e-3)
+    model.batches = []
+    trainer(max_epochs=2).fit(model, datamodule=_data(400, batch_size=32))  # 320 samples: 10 steps per epoch
+    for which, (net_name, peer_prob) in enumerate((("a", model.prob_b), ("b", model.prob_a))):
+        batches = [b for b in model.batches if b[0] == (net_name == "a")]
+        labelled = int(model.labelled_sets[which].numel())
+        assert 0 < labelled < 320
+        full, rest = divmod(labelled, 32)
+        assert [b[1] for b in batches] == [32] * full + ([rest] if rest else [])  # batches of 32, in one pass
+        assert all(b[2] == b[1] for b in batches)  # as many unlabelled samples as labelled
+        weights = torch.cat([b[3] for b in batches])
+        expected = peer_prob[model.labelled_sets[which]]
+        torch.testing.assert_close(weights.sort().values, expected.sort().values)  # each labelled sample once
+        optimizer = model.optimizers()[which].optimizer
+        steps = int(next(iter(optimizer.state.values()))["step"])
+        assert steps == 10 + len(batches)  # the warm-up's 10, then only the steps with a labelled batch
 
 
 @pytest.mark.parametrize("loss_average_epochs", [1, 2])

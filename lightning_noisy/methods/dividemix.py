@@ -41,6 +41,7 @@ __all__ = [
     "co_guess",
     "co_refine",
     "default_augment",
+    "labelled_slice",
     "linear_rampup",
     "mixmatch_lambda",
     "sharpen",
@@ -140,6 +141,21 @@ def linear_rampup(epoch_progress: float, warmup: float, lambda_u: float, rampup_
     return float(lambda_u) * current
 
 
+def labelled_slice(order: Tensor, step: int, batch_size: int, world_size: int = 1, rank: int = 0) -> Tensor:
+    """The labelled batch of ``rank`` at ``step``: ``order[(step * world_size + rank) * batch_size:][:batch_size]``.
+
+    Over the steps and ranks this goes once through ``order [L]`` (dataset indices of the labelled set) in
+    batches of ``batch_size``; the last one may be shorter, and later ones are empty.
+    """
+    for name, value, low in (("step", step, 0), ("batch_size", batch_size, 1), ("world_size", world_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+    start = (step * world_size + rank) * batch_size
+    return order[start: start + batch_size]
+
+
 def uniform_prior_penalty(logits: Tensor) -> Tensor:
     """DivideMix's regularisation ``sum_c pi_c log(pi_c / mean_i p_ic)`` with the uniform prior ``pi_c = 1/C``.
 
@@ -213,23 +229,26 @@ class DivideMix(HeldOutAccuracy):
     price is that the pass is not split between ranks). The divisions are registered buffers ``[N]``, so
     checkpoints hold them.
 
-    *MixMatch training* (after warm-up): the training loader drives the labelled set. For each network, the
-    samples of a training batch ``[x, y, index]`` that its peer's division labels (``prob_peer[index] >
-    p_threshold``) form the labelled batch, and as many samples drawn with replacement from the peer's
-    unlabelled set (through the training dataset) form the unlabelled batch. So each epoch goes once over the
-    labelled set with an equal number of unlabelled samples, as the reference code's two loaders do (the
-    batch size varies with the labelled share instead of the epoch length). Each sample gets two
-    augmentations; labelled targets are co-refined (:func:`co_refine` with ``w = prob_peer[index]``),
-    unlabelled ones co-guessed (:func:`co_guess`, the peer in eval mode). All inputs and targets are
-    concatenated and mixed with a random permutation of themselves (``l = max(l, 1 - l)``,
-    ``l ~ Beta(alpha, alpha)``); the loss is the soft cross-entropy on the labelled part, plus
-    ``linear_rampup(...)`` times the mean squared error between softmax and targets on the unlabelled part,
-    plus the uniform-prior penalty on the whole mixed batch. A batch without a labelled sample does not train
-    that network (a zero loss that keeps its graph, for DDP); an empty unlabelled set drops its term. Network
-    a is trained with network b's division and b as co-guessing peer, and vice versa: both losses are
-    computed from the networks as they are at the start of the batch, backpropagated together (disjoint
-    graphs) and both optimisers step, which keeps DDP simple. When a callback uses the batch contract, the
-    step returns network a's logits on the whole batch (one extra no-gradient forward pass).
+    *MixMatch training* (after warm-up): as the reference code's labelled loader, each network makes one
+    pass per epoch over the samples its peer's division labels (``prob_peer > p_threshold``), in an order
+    drawn per epoch (the same on every rank), in labelled batches of the training loader's batch size: the
+    step ``batch_idx`` of rank ``r`` takes positions ``(batch_idx * world + r) * B`` onwards. Each labelled
+    batch comes with as many samples drawn with replacement from the peer's unlabelled set; both are read
+    from the training dataset (its transform applied). Once a network's labelled pass is over, the
+    remaining steps of the epoch leave it alone (its optimiser does not step, so neither momentum nor
+    weight decay moves it), so a small labelled set means few steps, not small batches. The training
+    loader's own batches only clock these steps. Each sample gets two augmentations; labelled targets are
+    co-refined (:func:`co_refine` with ``w = prob_peer``), unlabelled ones co-guessed (:func:`co_guess`,
+    the peer in eval mode). All inputs and targets are concatenated and mixed with a random permutation of
+    themselves (``l = max(l, 1 - l)``, ``l ~ Beta(alpha, alpha)``); the loss is the soft cross-entropy on
+    the labelled part, plus ``linear_rampup(...)`` times the mean squared error between softmax and
+    targets on the unlabelled part, plus the uniform-prior penalty on the whole mixed batch; an empty
+    unlabelled set drops its term. Network a is trained with network b's division and b as co-guessing
+    peer, and vice versa: both losses are computed from the networks as they are at the start of the
+    step and backpropagated together (disjoint graphs); a network without a labelled batch on this rank
+    gets a zero loss that keeps its graph, since DDP expects a backward pass after every forward. When a
+    callback uses the batch contract, the step returns network a's logits on the training batch (one
+    extra no-gradient forward pass).
 
     The augmentations, unlabelled draws and mixup draw from a generator seeded by ``(seed, epoch, batch_idx,
     rank)`` when the default augmentation is used, so a run resumed from an epoch-boundary checkpoint repeats
@@ -460,14 +479,6 @@ class DivideMix(HeldOutAccuracy):
             self.co_divide()
 
     # ------------------------------------------------------------------ training
-    def _batch_index(self, batch: Any) -> Tensor:
-        if isinstance(batch, (list, tuple)) and len(batch) == 3:
-            return batch[2]
-        index = BatchContract.current_index(self)
-        if index is None:
-            raise ValueError("DivideMix needs the dataset index of each training batch: [x, y, index] batches")
-        return index
-
     def _generator(self, device: torch.device, batch_idx: int) -> torch.Generator | None:
         if self.augment is not None:
             return None
@@ -588,15 +599,14 @@ class DivideMix(HeldOutAccuracy):
             generator = self._generator(x.device, batch_idx)
             self._empty_input = x[:0]
             size, world, rank = self.labelled_batch_size(x), self.trainer.world_size, self.trainer.global_rank
-            first = batch_idx * world * size  # where this step's labelled batches begin, over all ranks
             losses, trains = [], []
             # network a learns from b's division and guesses with b; b symmetrically
             for net, peer, prob, order, pool in (
                 (self.net_a, self.net_b, self.prob_b, self._labelled_orders[0], self._unlabelled_pools[0]),
                 (self.net_b, self.net_a, self.prob_a, self._labelled_orders[1], self._unlabelled_pools[1]),
             ):
-                trains.append(first < order.numel())  # the same on every rank
-                chosen = order[first + rank * size: first + (rank + 1) * size]
+                trains.append(batch_idx * world * size < order.numel())  # the same on every rank
+                chosen = labelled_slice(order, batch_idx, size, world, rank)
                 if chosen.numel() == 0:  # the pass is over, or this rank's share is: a zero loss whose backward
                     losses.append(0.0 * net(x[:1]).sum())  # still runs, as DDP expects after every forward
                     continue
