@@ -145,6 +145,8 @@ def test_default_augment_without_scale_or_trend_draws_as_before() -> None:
     [
         ({"warmup_epochs": -1}, "warmup_epochs"),
         ({"warmup_augment": 1}, "warmup_augment must be a bool, got 1"),
+        ({"labelled_batch_size": 0}, "labelled_batch_size must be an int >= 1 or None, got 0"),
+        ({"labelled_batch_size": 8.0}, "labelled_batch_size must be an int >= 1 or None, got 8.0"),
         ({"p_threshold": 1.0}, "p_threshold"),
         ({"lambda_u": -1.0}, "lambda_u"),
         ({"temperature": 0.0}, "temperature"),
@@ -266,17 +268,20 @@ class LabelledBatchRecorder(DivideMix):
         return super().mixmatch_loss(net, peer, x, y, w, x_u, lambda_u, generator)
 
 
-def test_each_network_passes_once_over_its_peers_labelled_set(one_thread: None) -> None:
+@pytest.mark.parametrize("labelled_batch_size", [None, 64])
+def test_each_network_passes_once_over_its_peers_labelled_set(one_thread: None, labelled_batch_size) -> None:
     model = LabelledBatchRecorder(backbone="cnn1d", warmup_epochs=1, lambda_u=10.0, rampup_length=1, seed=0,
-                                  optimizer="adamw", lr=1e-3)
+                                  optimizer="adamw", lr=1e-3, labelled_batch_size=labelled_batch_size)
     model.batches = []
     trainer(max_epochs=2).fit(model, datamodule=_data(400, batch_size=32))  # 320 samples: 10 steps per epoch
+    # labelled batches of 16, half the loader's; 10 steps hold 160 samples, more labelled ones make them larger
     for which, (net_name, peer_prob) in enumerate((("a", model.prob_b), ("b", model.prob_a))):
         batches = [b for b in model.batches if b[0] == (net_name == "a")]
         labelled = int(model.labelled_sets[which].numel())
         assert 0 < labelled < 320
-        full, rest = divmod(labelled, 32)
-        assert [b[1] for b in batches] == [32] * full + ([rest] if rest else [])  # batches of 32, in one pass
+        size = 64 if labelled_batch_size else max(16, math.ceil(labelled / 10))
+        full, rest = divmod(labelled, size)
+        assert [b[1] for b in batches] == [size] * full + ([rest] if rest else [])  # one pass, in order
         assert all(b[2] == b[1] for b in batches)  # as many unlabelled samples as labelled
         weights = torch.cat([b[3] for b in batches])
         expected = peer_prob[model.labelled_sets[which]]

@@ -231,8 +231,9 @@ class DivideMix(HeldOutAccuracy):
 
     *MixMatch training* (after warm-up): as the reference code's labelled loader, each network makes one
     pass per epoch over the samples its peer's division labels (``prob_peer > p_threshold``), in an order
-    drawn per epoch (the same on every rank), in labelled batches of the training loader's batch size: the
-    step ``batch_idx`` of rank ``r`` takes positions ``(batch_idx * world + r) * B`` onwards. Each labelled
+    drawn per epoch (the same on every rank), in labelled batches of ``B`` samples (``labelled_batch_size``,
+    by default half the training loader's batch size, see there): the step ``batch_idx`` of rank ``r``
+    takes positions ``(batch_idx * world + r) * B`` onwards (:func:`labelled_slice`). Each labelled
     batch comes with as many samples drawn with replacement from the peer's unlabelled set; both are read
     from the training dataset (its transform applied). Once a network's labelled pass is over, the
     remaining steps of the epoch leave it alone (its optimiser does not step, so neither momentum nor
@@ -266,6 +267,9 @@ class DivideMix(HeldOutAccuracy):
         warmup_epochs: epochs of cross-entropy warm-up (paper: 10 on CIFAR-10, 30 on CIFAR-100).
         warmup_augment: augment the warm-up batches too (reference code: yes); ``False`` warms up on the
             inputs as they come.
+        labelled_batch_size: labelled samples per MixMatch step and rank; ``None``: half the training
+            loader's batch size (reference code: 64 against warm-up batches of 128). Raised where a pass over
+            the labelled set would not fit into the epoch's steps.
         p_threshold: clean-probability threshold of the division (paper: 0.5; 0.6 at 90% symmetric noise).
         lambda_u: final weight of the unlabelled loss (paper: 0 to 150 depending on the noise, see the configs).
         rampup_length: epochs of the linear ramp of ``lambda_u`` after warm-up (reference code: 16).
@@ -303,6 +307,7 @@ class DivideMix(HeldOutAccuracy):
         backbone_kwargs: dict[str, Any] | None = None,
         warmup_epochs: int = 10,
         warmup_augment: bool = True,
+        labelled_batch_size: int | None = None,
         p_threshold: float = 0.5,
         lambda_u: float = 25.0,
         rampup_length: int = 16,
@@ -336,6 +341,9 @@ class DivideMix(HeldOutAccuracy):
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be an int >= 0, got {warmup_epochs!r}")
+        if labelled_batch_size is not None and (isinstance(labelled_batch_size, bool)
+                                                or not isinstance(labelled_batch_size, int) or labelled_batch_size < 1):
+            raise ValueError(f"labelled_batch_size must be an int >= 1 or None, got {labelled_batch_size!r}")
         if not isinstance(warmup_augment, bool):
             raise ValueError(f"warmup_augment must be a bool, got {warmup_augment!r}")
         if isinstance(p_threshold, bool) or not isinstance(p_threshold, (int, float)) or not 0 < p_threshold < 1:
@@ -566,10 +574,19 @@ class DivideMix(HeldOutAccuracy):
         draw = torch.randint(max(pool.numel(), 1), (count,), generator=generator, device=device).cpu()
         return self.fetch_inputs(pool[draw])
 
-    def labelled_batch_size(self, x: Tensor) -> int:
-        """The labelled batch size: the training loader's batch size (else this batch's), on every rank."""
-        size = getattr(self.trainer.train_dataloader, "batch_size", None)
-        return int(size) if isinstance(size, int) and size > 0 else int(x.shape[0])
+    def labelled_batch_size(self, x: Tensor, labelled: int) -> int:
+        """The per-rank labelled batch size for ``labelled`` samples; the same on every rank.
+
+        ``labelled_batch_size`` when set, else half the training loader's batch size (else of this batch's
+        size), as the reference code's MixMatch batches are half its warm-up batches; raised where needed
+        so that the pass over the labelled set ends within the epoch's training steps.
+        """
+        size = self.hparams.labelled_batch_size
+        if size is None:
+            loader_size = getattr(self.trainer.train_dataloader, "batch_size", None)
+            size = max(1, (loader_size if isinstance(loader_size, int) and loader_size > 0 else int(x.shape[0])) // 2)
+        steps = max(1, int(self.trainer.num_training_batches)) * self.trainer.world_size
+        return max(int(size), math.ceil(labelled / steps))
 
     def warmup_loss(self, net: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-entropy plus ``penalty_weight`` times the negative entropy; ``(loss, logits)``."""
@@ -598,13 +615,14 @@ class DivideMix(HeldOutAccuracy):
             lambda_u = linear_rampup(progress, hp.warmup_epochs, hp.lambda_u, hp.rampup_length)
             generator = self._generator(x.device, batch_idx)
             self._empty_input = x[:0]
-            size, world, rank = self.labelled_batch_size(x), self.trainer.world_size, self.trainer.global_rank
+            world, rank = self.trainer.world_size, self.trainer.global_rank
             losses, trains = [], []
             # network a learns from b's division and guesses with b; b symmetrically
             for net, peer, prob, order, pool in (
                 (self.net_a, self.net_b, self.prob_b, self._labelled_orders[0], self._unlabelled_pools[0]),
                 (self.net_b, self.net_a, self.prob_a, self._labelled_orders[1], self._unlabelled_pools[1]),
             ):
+                size = self.labelled_batch_size(x, order.numel())
                 trains.append(batch_idx * world * size < order.numel())  # the same on every rank
                 chosen = labelled_slice(order, batch_idx, size, world, rank)
                 if chosen.numel() == 0:  # the pass is over, or this rank's share is: a zero loss whose backward
