@@ -247,7 +247,7 @@ def test_warmup_feeds_the_augmented_batch_when_asked(one_thread: None, warmup_au
 
 
 def test_warmup_default_augmentation_differs_per_network_and_repeats(one_thread: None) -> None:
-    first, second = _record_warmup(), _record_warmup()
+    first, second = _record_warmup(warmup_augment=True), _record_warmup(warmup_augment=True)
     for i, x in enumerate(first.batches):
         (_, to_a), (_, to_b) = first.seen[2 * i: 2 * i + 2]
         assert not torch.equal(to_a, x) and not torch.equal(to_b, x) and not torch.equal(to_a, to_b)

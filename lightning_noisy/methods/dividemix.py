@@ -217,9 +217,9 @@ class DivideMix(HeldOutAccuracy):
 
     *Warm-up* (epochs ``< warmup_epochs``): both networks are trained with cross-entropy on the noisy labels,
     plus ``penalty_weight`` times the negative entropy of the predictions (the paper's confidence penalty for
-    asymmetric noise; 0 by default). With ``warmup_augment`` (the default) each network sees its own random
-    augmentation of the batch, as the reference code's warm-up loader applies the training transform; the
-    network then enters MixMatch already used to augmented inputs.
+    asymmetric noise; 0 by default). The batches come as the training loader gives them (with the dataset's
+    training transform, as the reference code's warm-up loader); with ``warmup_augment`` each network
+    sees its own random augmentation of the batch instead, for data without a training transform.
 
     *Co-divide* (start of every later epoch): for each network an evaluation pass over the whole training set
     (``trainer.datamodule.train_eval_dataloader()``, or the training dataset in order when the DataModule has
@@ -265,8 +265,8 @@ class DivideMix(HeldOutAccuracy):
         num_classes: number of classes ``C``.
         backbone_kwargs: extra arguments of the backbone.
         warmup_epochs: epochs of cross-entropy warm-up (paper: 10 on CIFAR-10, 30 on CIFAR-100).
-        warmup_augment: augment the warm-up batches too (reference code: yes); ``False`` warms up on the
-            inputs as they come.
+        warmup_augment: also apply the module's augmentation to the warm-up batches (one draw per network);
+            ``False`` warms up on the training loader's batches as they come.
         labelled_batch_size: labelled samples per MixMatch step and rank; ``None``: half the training
             loader's batch size (reference code: 64 against warm-up batches of 128). Raised where a pass over
             the labelled set would not fit into the epoch's steps.
@@ -306,7 +306,7 @@ class DivideMix(HeldOutAccuracy):
         num_classes: int = 10,
         backbone_kwargs: dict[str, Any] | None = None,
         warmup_epochs: int = 10,
-        warmup_augment: bool = True,
+        warmup_augment: bool = False,
         labelled_batch_size: int | None = None,
         p_threshold: float = 0.5,
         lambda_u: float = 25.0,
