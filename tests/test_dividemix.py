@@ -345,7 +345,8 @@ class RankCheckedDivideMix(DivideMix):
         assert self.trainer.world_size == 2
         if self.current_epoch >= self.hparams.warmup_epochs:
             assert not torch.equal(self.prob_a, torch.ones_like(self.prob_a)), "no co-divide happened"
-        state = torch.cat([self.prob_a, self.prob_b, *(p.detach().flatten() for p in self.parameters())])
+        orders = [order.to(self.prob_a) for order in self._labelled_orders]  # the labelled pass is split by rank
+        state = torch.cat([self.prob_a, self.prob_b, *orders, *(p.detach().flatten() for p in self.parameters())])
         gathered = self.all_gather(state)
         assert torch.equal(gathered[0], gathered[1]), f"the ranks differ at epoch {self.current_epoch}"
 

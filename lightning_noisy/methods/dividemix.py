@@ -34,6 +34,7 @@ from lightning_noisy.methods.classifier import (
     two_network_optimizers,
 )
 from lightning_noisy.models import build_backbone
+from lightning_noisy.seeding import stream_generator
 from lightning_noisy.state import BatchContract
 
 __all__ = [
@@ -464,7 +465,7 @@ class DivideMix(HeldOutAccuracy):
         threshold = hp.p_threshold
         # network a is trained with b's division and b with a's: their labelled sets in a random order, the same
         # on every rank (one pass per epoch, as the reference's labelled loader), and their unlabelled sets
-        order = torch.Generator().manual_seed(hash((int(hp.seed), int(self.current_epoch), "labelled")) % 2**62)
+        order = stream_generator(int(hp.seed), f"dividemix-labelled-order-{int(self.current_epoch)}")
         orders, pools = [], []
         for peer_prob in (self.prob_b, self.prob_a):
             labelled = torch.nonzero(peer_prob > threshold).flatten().cpu()
