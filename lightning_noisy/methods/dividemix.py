@@ -586,8 +586,10 @@ class DivideMix(HeldOutAccuracy):
         if size is None:
             loader_size = getattr(self.trainer.train_dataloader, "batch_size", None)
             size = max(1, (loader_size if isinstance(loader_size, int) and loader_size > 0 else int(x.shape[0])) // 2)
-        steps = max(1, int(self.trainer.num_training_batches)) * self.trainer.world_size
-        return max(int(size), math.ceil(labelled / steps))
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches):  # an iterable dataset of unknown length: the pass may not end
+            return int(size)
+        return max(int(size), math.ceil(labelled / (max(1, int(batches)) * self.trainer.world_size)))
 
     def warmup_loss(self, net: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-entropy plus ``penalty_weight`` times the negative entropy; ``(loss, logits)``."""
