@@ -567,7 +567,7 @@ class DivideMix(HeldOutAccuracy):
     def draw_unlabelled(self, pool: Tensor, count: int, generator: torch.Generator | None) -> Tensor:
         """``[count, ...]`` training inputs drawn with replacement from the dataset indices ``pool [U]``.
 
-        None when the pool is empty.
+        An empty batch when the pool is empty.
         """
         if pool.numel() == 0 or count == 0:
             count = 0
