@@ -157,10 +157,11 @@ def run_many(
         raise ValueError(f"processes must be an int >= 1, got {processes!r}")
     jobs = [(c, tuple(o), s) for c, o, s in jobs]
     cache = None if cache_dir is None else Path(cache_dir)
+    paths: list[Path | None] = [None] * len(jobs)
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
-    code = package_digest() if cache is not None else ""
-    paths = [None if cache is None else cache / _job_key(job, code) for job in jobs]
+        code = package_digest()
+        paths = [cache / _job_key(job, code) for job in jobs]
     results: list[RunResult | None] = [None if p is None else _load_cached(p) for p in paths]
     todo = [i for i, r in enumerate(results) if r is None]
     start = time.perf_counter()

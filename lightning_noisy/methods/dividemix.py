@@ -57,6 +57,12 @@ def _check_positive(name: str, value: Any) -> float:
     return float(value)
 
 
+def _check_non_negative(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def _check_probs(name: str, p: Tensor) -> None:
     if not isinstance(p, Tensor) or p.ndim != 2 or not p.is_floating_point():
         got = f"shape {tuple(p.shape)}, dtype {p.dtype}" if isinstance(p, Tensor) else repr(p)
@@ -356,15 +362,11 @@ class DivideMix(HeldOutAccuracy):
             raise ValueError(f"penalty_weight must be a number >= 0, got {penalty_weight!r}")
         if augment is not None and not callable(augment):
             raise ValueError(f"augment must be a callable Tensor -> Tensor or None, got {augment!r}")
-        if (isinstance(augment_noise_std, bool) or not isinstance(augment_noise_std, (int, float))
-                or not 0 <= augment_noise_std < math.inf):
-            raise ValueError(f"augment_noise_std must be a finite number >= 0, got {augment_noise_std!r}")
+        _check_non_negative("augment_noise_std", augment_noise_std)
         if (isinstance(augment_max_scale, bool) or not isinstance(augment_max_scale, (int, float))
                 or not 0 <= augment_max_scale < 1):
             raise ValueError(f"augment_max_scale must be a number in [0, 1), got {augment_max_scale!r}")
-        if (isinstance(augment_max_trend, bool) or not isinstance(augment_max_trend, (int, float))
-                or not 0 <= augment_max_trend < math.inf):
-            raise ValueError(f"augment_max_trend must be a finite number >= 0, got {augment_max_trend!r}")
+        _check_non_negative("augment_max_trend", augment_max_trend)
         if isinstance(augment_max_shift, bool) or not isinstance(augment_max_shift, int) or augment_max_shift < 0:
             raise ValueError(f"augment_max_shift must be an int >= 0, got {augment_max_shift!r}")
         if isinstance(loss_average_epochs, bool) or not isinstance(loss_average_epochs, int) or loss_average_epochs < 1:
