@@ -2,7 +2,7 @@
 
 from lightning_noisy.callbacks.aum import AUMCallback
 from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels, find_training_labels
-from lightning_noisy.callbacks.co_divide import CoDivideCallback, clean_probability
+from lightning_noisy.callbacks.co_divide import CoDivideCallback, clean_probability, per_class_clean_probability
 from lightning_noisy.callbacks.curriculum import CurriculumCallback, density_curriculum
 from lightning_noisy.callbacks.forward_correction import ForwardCorrectionCallback
 from lightning_noisy.callbacks.label_correction import LabelCorrectionCallback
@@ -20,6 +20,7 @@ __all__ = [
     "TrainingLabels",
     "WarmupEntropyCallback",
     "clean_probability",
+    "per_class_clean_probability",
     "density_curriculum",
     "find_training_labels",
 ]

@@ -121,6 +121,46 @@ def clean_probability(
     return probability
 
 
+def per_class_clean_probability(
+    losses: Tensor,
+    labels: Tensor,
+    max_iter: int = 10,
+    tol: float = 1e-2,
+    reg_covar: float = 5e-4,
+    seed: int = 0,
+) -> Tensor:
+    """:func:`clean_probability` fit separately to the losses of each (noisy) class.
+
+    A global mixture can label a class's samples all noisy: once a network predicts one class almost
+    everywhere, the samples labelled with that class have the lowest losses and the mixture's clean
+    component holds only them. One mixture per class keeps the lower-loss part of every class labelled
+    (class-balanced selection, as in later methods such as UNICON; not part of DivideMix itself).
+
+    Args:
+        losses: ``[N]`` per-sample losses.
+        labels: ``[N]`` integer (noisy) labels; each distinct value is one group.
+        max_iter, tol, reg_covar, seed: as :func:`clean_probability`, for every class's mixture.
+
+    Returns:
+        ``[N]`` float32 probabilities on the CPU.
+    """
+    if not isinstance(losses, Tensor) or losses.ndim != 1:
+        got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(f"losses must be a 1-D tensor [N], got {got}")
+    if (not isinstance(labels, Tensor) or labels.shape != losses.shape or labels.is_floating_point()
+            or labels.dtype == torch.bool):
+        got = f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if isinstance(labels, Tensor) else repr(labels)
+        raise ValueError(f"labels must be an integer tensor of the losses' shape {tuple(losses.shape)}, got {got}")
+    labels = labels.detach().cpu()
+    probability = torch.zeros(losses.shape[0], dtype=torch.float32)
+    for label in torch.unique(labels):
+        members = torch.nonzero(labels == label).flatten()
+        probability[members] = clean_probability(
+            losses.detach().cpu()[members], max_iter=max_iter, tol=tol, reg_covar=reg_covar, seed=seed
+        )
+    return probability
+
+
 def default_logits(pl_module: pl.LightningModule, x: Tensor) -> Tensor:
     """``pl_module(x)``: the module's logits."""
     return pl_module(x)

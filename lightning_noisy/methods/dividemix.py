@@ -295,6 +295,8 @@ class DivideMix(HeldOutAccuracy):
             this many co-divides (reference code: 5 at 90% noise, else 1); the history is checkpointed.
         gmm_max_iter: iterations of the GMM fit (reference: 10).
         gmm_reg_covar: covariance regularisation of the GMM (reference: 5e-4).
+        divide_per_class: fit one GMM per noisy class (:func:`per_class_clean_probability`) instead of one
+            for the whole set, so every class keeps labelled samples; not in the paper, off by default.
         seed: network a is initialised from ``seed``, network b from ``seed + 1`` (global RNG untouched); also
             seeds the augmentation / mixup generator and the GMM.
         optimizer: ``"sgd"`` or ``"adamw"`` (paper: SGD).
@@ -329,6 +331,7 @@ class DivideMix(HeldOutAccuracy):
         loss_average_epochs: int = 1,
         gmm_max_iter: int = 10,
         gmm_reg_covar: float = 5e-4,
+        divide_per_class: bool = False,
         seed: int = 0,
         optimizer: OptimizerName = "sgd",
         lr: float = 0.02,
@@ -374,6 +377,8 @@ class DivideMix(HeldOutAccuracy):
         if isinstance(gmm_max_iter, bool) or not isinstance(gmm_max_iter, int) or gmm_max_iter < 1:
             raise ValueError(f"gmm_max_iter must be an int >= 1, got {gmm_max_iter!r}")
         _check_positive("gmm_reg_covar", gmm_reg_covar)
+        if not isinstance(divide_per_class, bool):
+            raise ValueError(f"divide_per_class must be a bool, got {divide_per_class!r}")
         self.num_classes = int(num_classes)
         self.milestones = milestones
         self.augment = augment
@@ -450,7 +455,11 @@ class DivideMix(HeldOutAccuracy):
 
     def co_divide(self) -> None:
         """Fit the division of each network on its per-sample losses; fills ``prob_a`` and ``prob_b``."""
-        from lightning_noisy.callbacks.co_divide import clean_probability, normalise_losses
+        from lightning_noisy.callbacks.co_divide import (
+            clean_probability,
+            normalise_losses,
+            per_class_clean_probability,
+        )
 
         loader = train_eval_loader(self.trainer, "DivideMix")
         n = int(self.prob_a.shape[0])
@@ -461,7 +470,11 @@ class DivideMix(HeldOutAccuracy):
             if window > 1:  # the ring's slots fill in order, so the first min(count + 1, K) hold the last ones
                 self.loss_history[row, count % window] = normalise_losses(losses).to(self.loss_history)
                 losses = self.loss_history[row, : min(count + 1, window)].mean(0)
-            prob = clean_probability(losses, max_iter=hp.gmm_max_iter, reg_covar=hp.gmm_reg_covar, seed=hp.seed)
+            gmm = {"max_iter": hp.gmm_max_iter, "reg_covar": hp.gmm_reg_covar, "seed": hp.seed}
+            if hp.divide_per_class:
+                prob = per_class_clean_probability(losses, self._noisy_labels, **gmm)
+            else:
+                prob = clean_probability(losses, **gmm)
             getattr(self, name).copy_(prob.to(self.prob_a))
         self.divide_count += 1
         threshold = hp.p_threshold
