@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,8 +15,15 @@ from helpers import PlainClassifier, SpawnDDPStrategy, toy_dataset, trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from lightning_noisy.callbacks.base import train_eval_loader
-from lightning_noisy.callbacks.co_divide import CoDivideCallback, clean_probability, normalise_losses
+from lightning_noisy.callbacks.base import rank_batches, train_eval_loader
+from lightning_noisy.callbacks.co_divide import (
+    CoDivideCallback,
+    clean_probability,
+    low_component_posterior,
+    normalise_losses,
+    per_class_clean_probability,
+    per_sample_cross_entropy,
+)
 from lightning_noisy.data.sampler import EpochShuffleSampler
 
 # -- the pure functions ------------------------------------------------------------------------------
@@ -71,6 +79,102 @@ def test_non_finite_losses_warn_and_get_probability_zero() -> None:
         probability = clean_probability(bimodal)
     assert probability[:5].tolist() == [0.0] * 5
     assert float((probability[5:][is_low[5:]] > 0.5).float().mean()) >= 0.98
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_closed_form_posterior_equals_scikit_learns(seed: int) -> None:
+    from sklearn.mixture import GaussianMixture
+
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([rng.normal(0.2, 0.05, 400), rng.normal(0.5, 0.2, 600)])  # overlapping components
+    gmm = GaussianMixture(n_components=2, max_iter=10, tol=1e-2, reg_covar=5e-4, random_state=seed).fit(x[:, None])
+    low = int(np.argmin(gmm.means_[:, 0]))
+    np.testing.assert_allclose(low_component_posterior(gmm, x), gmm.predict_proba(x[:, None])[:, low], rtol=0, atol=1e-12)
+
+
+def test_per_class_division_keeps_every_class_labelled() -> None:
+    # class 2's losses all lie above the others': one mixture calls that class noisy, one per class does not
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(900) % 3
+    is_low = torch.rand(900, generator=g) < 0.6
+    losses = torch.where(is_low, 0.1, 0.6) + 0.05 * torch.rand(900, generator=g) + 2.0 * (labels == 2)
+    assert not bool((clean_probability(losses)[labels == 2] > 0.5).any())
+    probability = per_class_clean_probability(losses, labels)
+    assert torch.equal(probability > 0.5, is_low)
+    for c in range(3):  # each class's probabilities are that class's own mixture
+        members = labels == c
+        torch.testing.assert_close(probability[members], clean_probability(losses[members]), rtol=0, atol=0)
+
+
+def test_per_class_division_rejects_bad_labels() -> None:
+    with pytest.raises(ValueError, match=r"labels must be an integer tensor of the losses' shape \(4,\), got shape \(3,\)"):
+        per_class_clean_probability(torch.rand(4), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels must be an integer tensor.*dtype torch.float32"):
+        per_class_clean_probability(torch.rand(4), torch.zeros(4))
+    with pytest.raises(ValueError, match=r"losses must be a 1-D tensor \[N\], got \(2, 2\)"):
+        per_class_clean_probability(torch.rand(2, 2), torch.zeros(4, dtype=torch.long))
+
+
+# -- the loss pass ---------------------------------------------------------------------------------
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    """``toy_dataset`` that records which samples were read."""
+
+    def __init__(self, n: int) -> None:
+        self.inner, self.read = toy_dataset(n=n), []
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int) -> Any:
+        self.read.append(int(i))
+        return self.inner[i]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_rank_batches_load_only_the_ranks_share(world_size: int) -> None:
+    reference = [batch[2].tolist() for batch in DataLoader(toy_dataset(n=22), batch_size=4)]
+    seen: dict[int, list[int]] = {}
+    for rank in range(world_size):
+        dataset = CountingDataset(22)
+        for batch_idx, batch in rank_batches(DataLoader(dataset, batch_size=4), rank, world_size):
+            assert batch_idx % world_size == rank and batch_idx not in seen
+            seen[batch_idx] = batch[2].tolist()
+        assert sorted(dataset.read) == sorted(i for b, idx in seen.items() if b % world_size == rank for i in idx)
+    assert [seen[b] for b in sorted(seen)] == reference
+
+
+def test_rank_batches_skip_the_others_of_an_iterable_dataset() -> None:
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self) -> Any:
+            return iter(toy_dataset(n=10)[i] for i in range(10))
+
+    batches = list(rank_batches(DataLoader(Stream(), batch_size=3), 1, 2))
+    assert [(b, batch[2].tolist()) for b, batch in batches] == [(1, [3, 4, 5]), (3, [9])]
+
+
+def test_loss_pass_equals_the_cross_entropy_of_each_sample() -> None:
+    dataset = toy_dataset(n=30, noisy_every=3)
+    net = torch.nn.Linear(dataset[0][0].numel(), 3)
+    x = torch.stack([dataset[i][0] for i in range(30)])
+    expected = F.cross_entropy(net(x), dataset.noisy_labels, reduction="none").detach()
+    loader = DataLoader(dataset, batch_size=7, sampler=EpochShuffleSampler(dataset, seed=0))
+    torch.testing.assert_close(per_sample_cross_entropy(net, loader, 30), expected, rtol=0, atol=1e-6)
+
+
+def test_loss_pass_rejects_missing_repeated_and_malformed_samples() -> None:
+    dataset = toy_dataset(n=10)
+    net = torch.nn.Linear(dataset[0][0].numel(), 3)
+    subset = torch.utils.data.Subset(dataset, list(range(8)))
+    with pytest.raises(RuntimeError, match="covered 8 distinct indices in 8 records, expected each of the 10"):
+        per_sample_cross_entropy(net, DataLoader(subset, batch_size=4), 10)
+    twice = torch.utils.data.ConcatDataset([dataset, subset])
+    with pytest.raises(RuntimeError, match="covered 10 distinct indices in 18 records"):
+        per_sample_cross_entropy(net, DataLoader(twice, batch_size=4), 10)
+    pairs = [(dataset[i][0], dataset[i][1]) for i in range(10)]
+    with pytest.raises(ValueError, match=r"needs batches \[input, label, index\]"):
+        per_sample_cross_entropy(net, DataLoader(pairs, batch_size=4), 10)
 
 
 # -- the callback --------------------------------------------------------------------------------------

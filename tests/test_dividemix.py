@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lightning_noisy.callbacks.base import train_eval_loader
-from lightning_noisy.callbacks.co_divide import clean_probability, normalise_losses
+from lightning_noisy.callbacks.co_divide import clean_probability, normalise_losses, per_class_clean_probability
 from lightning_noisy.methods.dividemix import (
     DivideMix,
     co_guess,
@@ -145,6 +146,7 @@ def test_default_augment_without_scale_or_trend_draws_as_before() -> None:
     [
         ({"warmup_epochs": -1}, "warmup_epochs"),
         ({"warmup_augment": 1}, "warmup_augment must be a bool, got 1"),
+        ({"divide_per_class": "yes"}, "divide_per_class must be a bool, got 'yes'"),
         ({"labelled_batch_size": 0}, "labelled_batch_size must be an int >= 1 or None, got 0"),
         ({"labelled_batch_size": 8.0}, "labelled_batch_size must be an int >= 1 or None, got 8.0"),
         ({"p_threshold": 1.0}, "p_threshold"),
@@ -337,8 +339,34 @@ def test_division_fits_the_average_of_the_last_losses(one_thread: None) -> None:
     assert model.loss_history.shape == (2, 2, 240)
 
 
+def test_per_class_division_fits_one_mixture_per_noisy_class(one_thread: None) -> None:
+    model = LossRecordingDivideMix(backbone="cnn1d", warmup_epochs=1, lambda_u=10.0, rampup_length=1, seed=0,
+                                   divide_per_class=True)
+    model.recorded = []
+    data = _data(300, batch_size=64)
+    trainer(max_epochs=2).fit(model, datamodule=data)
+    assert len(model.recorded) == 1
+    expected = per_class_clean_probability(model.recorded[0], data.noisy_labels, seed=0)
+    torch.testing.assert_close(model.prob_a, expected.to(model.prob_a), rtol=0, atol=1e-5)
+    assert not torch.allclose(model.prob_a, clean_probability(model.recorded[0], seed=0).to(model.prob_a), atol=1e-3)
+
+
 class RankCheckedDivideMix(DivideMix):
-    """Asserts at every epoch end that both ranks hold the same divisions and the same weights."""
+    """Asserts that each division is the one-process GMM of all losses, and that both ranks hold the same state."""
+
+    def co_divide(self) -> None:
+        expected = []
+        with torch.no_grad():  # every loss computed by this rank alone, in one process's way
+            for net in (self.net_a, self.net_b):
+                net.eval()
+                losses = torch.empty(self.prob_a.numel())
+                for x, y, index in train_eval_loader(self.trainer, "test"):
+                    losses[index] = F.cross_entropy(net(x), y, reduction="none")
+                net.train()
+                expected.append(clean_probability(losses, seed=0))
+        super().co_divide()
+        torch.testing.assert_close(self.prob_a, expected[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(self.prob_b, expected[1], rtol=0, atol=1e-5)
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
@@ -353,6 +381,6 @@ class RankCheckedDivideMix(DivideMix):
 
 @pytest.mark.ddp
 def test_two_ranks_hold_the_same_divisions_and_weights() -> None:
-    # each rank runs the co-divide pass over the full training set; MixMatch steps are synchronised by DDP
+    # each rank runs the co-divide pass on its share of the batches; MixMatch steps are synchronised by DDP
     model = RankCheckedDivideMix(backbone="cnn1d", warmup_epochs=1, lambda_u=10.0, rampup_length=1, seed=0)
     trainer(devices=2, strategy=SpawnDDPStrategy(), max_epochs=3).fit(model, datamodule=_data(300, batch_size=32))

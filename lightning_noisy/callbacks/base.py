@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from typing_extensions import override
 
 from lightning_noisy.state import BatchContract, SampleBuffer, SampleHistory, StepContext
@@ -86,6 +89,50 @@ def train_eval_loader(trainer: pl.Trainer, user: str, batch_size: int | None = N
     size = batch_size or getattr(loader, "batch_size", None) or 128
     return DataLoader(training_dataset(trainer, user), batch_size=size, shuffle=False,
                       collate_fn=getattr(loader, "collate_fn", None))
+
+
+class _RankBatches(Sampler[list[int]]):
+    """The batches ``i`` of ``batches`` with ``i % world_size == rank``, drawn in order."""
+
+    def __init__(self, batches: Sampler[list[int]] | Iterable[list[int]], rank: int, world_size: int) -> None:
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(iter(self.batches), self.rank, None, self.world_size)
+
+    def __len__(self) -> int:
+        return max(0, math.ceil((len(self.batches) - self.rank) / self.world_size))  # type: ignore[arg-type]
+
+
+def rank_batches(loader: DataLoader, rank: int, world_size: int) -> Iterator[tuple[int, Any]]:
+    """``(batch_idx, batch)`` for the batches of ``loader`` with ``batch_idx % world_size == rank``.
+
+    For a map-style dataset only those batches are loaded: a loader with the same dataset, collate
+    function and workers draws this rank's index lists from ``loader``'s batch sampler, so each rank
+    reads ``1 / world_size`` of the data. Otherwise (an iterable dataset) every batch is loaded and
+    the others are skipped. The batches are those of ``loader``, whatever ``world_size`` is.
+    """
+    if world_size == 1:
+        yield from enumerate(loader)
+        return
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_sampler is None:
+        for batch_idx, batch in enumerate(loader):
+            if batch_idx % world_size == rank:
+                yield batch_idx, batch
+        return
+    share = DataLoader(
+        loader.dataset,
+        batch_sampler=_RankBatches(loader.batch_sampler, rank, world_size),
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context if loader.num_workers > 0 else None,
+        prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
+    )
+    for position, batch in enumerate(share):
+        yield rank + position * world_size, batch
 
 
 def is_last_batch(trainer: pl.Trainer, batch_idx: int) -> bool:

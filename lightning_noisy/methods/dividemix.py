@@ -231,10 +231,9 @@ class DivideMix(HeldOutAccuracy):
     *Co-divide* (start of every later epoch): for each network an evaluation pass over the whole training set
     (``trainer.datamodule.train_eval_dataloader()``, or the training dataset in order when the DataModule has
     none) gives per-sample cross-entropies against the noisy labels; :func:`clean_probability` (a 2-component
-    GMM) turns them into clean probabilities ``prob_a`` / ``prob_b``. Every DDP rank computes the pass over
-    the full training set itself, so the divisions are identical on all ranks without any communication (the
-    price is that the pass is not split between ranks). The divisions are registered buffers ``[N]``, so
-    checkpoints hold them.
+    GMM) turns them into clean probabilities ``prob_a`` / ``prob_b``. Under DDP each rank runs the pass on
+    its share of the batches and the losses are gathered, so the divisions are identical on all ranks and
+    equal to a one-process run's. The divisions are registered buffers ``[N]``, so checkpoints hold them.
 
     *MixMatch training* (after warm-up): as the reference code's labelled loader, each network makes one
     pass per epoch over the samples its peer's division labels (``prob_peer > p_threshold``), in an order
@@ -435,23 +434,23 @@ class DivideMix(HeldOutAccuracy):
         return self.current_epoch < self.hparams.warmup_epochs
 
     # ------------------------------------------------------------------ co-divide
-    @torch.no_grad()
     def per_sample_losses(self, net: nn.Module, loader: DataLoader, num_samples: int) -> Tensor:
-        """``[N]`` float32 cross-entropy of ``net`` (eval mode) against the noisy labels, indexed by sample."""
+        """``[N]`` float32 cross-entropy of ``net`` (eval mode) against the noisy labels, indexed by sample.
+
+        During a fit the pass is split between the DDP ranks and gathered (a collective: every rank calls
+        it), see :func:`~lightning_noisy.callbacks.co_divide.per_sample_cross_entropy`.
+        """
+        from lightning_noisy.callbacks.co_divide import per_sample_cross_entropy
+
+        trainer = self._trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        collective = trainer.strategy.root_device if trainer is not None else self.device
         was_training = net.training
         net.eval()
-        losses = torch.full((num_samples,), float("nan"), device=self.device)
         try:
-            for batch in loader:
-                if not isinstance(batch, (list, tuple)) or len(batch) != 3:
-                    raise ValueError("co-divide needs batches [x, y, index] from the training set")
-                x, y, index = (t.to(self.device) for t in batch)
-                losses[index] = F.cross_entropy(net(x).float(), y, reduction="none")
+            return per_sample_cross_entropy(net, loader, num_samples, self.device, rank, world, collective)
         finally:
             net.train(was_training)
-        if torch.isnan(losses).any():
-            raise RuntimeError("the co-divide pass did not visit every training sample")
-        return losses
 
     def co_divide(self) -> None:
         """Fit the division of each network on its per-sample losses; fills ``prob_a`` and ``prob_b``."""
