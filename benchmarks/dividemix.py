@@ -13,7 +13,8 @@ printed: DivideMix's co-divide AUROC (clean probability of network a's division 
 mask) at its last epoch, and the median seconds per training epoch of each method with its ratio to CE.
 
 Cost: on ``--cost-samples`` training samples (default 40,000), the ``CoDivideCallback`` loss pass of a
-cnn1d classifier against a plain eval-mode forward pass over the same loader, and the 2-component GMM
+cnn1d classifier against a plain eval-mode forward pass over the same loader (under ``torch.no_grad`` and
+under ``torch.inference_mode``, which the loss pass uses), and the 2-component GMM
 (``clean_probability``) on 1e6 losses; medians of ``--cost-repeats`` runs.
 """
 
@@ -25,8 +26,9 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from common import RunResult, markdown_table, mean_spread, noise_overrides, run_many
 
@@ -157,17 +159,18 @@ def codivide_cost(num_samples: int, repeats: int, gmm_samples: int) -> str:
     trainer.fit(model, data)
     loader = data.train_eval_dataloader()
 
-    def forward_pass() -> float:
+    def forward_pass(no_autograd: Callable[[], Any]) -> float:
         start = time.perf_counter()
         model.eval()
-        with torch.no_grad():
+        with no_autograd():
             for x, _, _ in loader:
                 model(x)
         return time.perf_counter() - start
 
-    forward, loss_pass = [], []
-    for _ in range(repeats):  # alternating, so that load from elsewhere affects both alike
-        forward.append(forward_pass())
+    forward, inference, loss_pass = [], [], []
+    for _ in range(repeats):  # alternating, so that load from elsewhere affects all alike
+        forward.append(forward_pass(torch.no_grad))
+        inference.append(forward_pass(torch.inference_mode))
         callback.compute_losses(trainer, model)
         loss_pass.append(callback.last_pass_seconds)
     generator = torch.Generator().manual_seed(0)
@@ -178,10 +181,13 @@ def codivide_cost(num_samples: int, repeats: int, gmm_samples: int) -> str:
         start = time.perf_counter()
         clean_probability(losses)
         gmm.append(time.perf_counter() - start)
-    f, p, g = statistics.median(forward), statistics.median(loss_pass), statistics.median(gmm)
+    f, i = statistics.median(forward), statistics.median(inference)
+    p, g = statistics.median(loss_pass), statistics.median(gmm)
     rows = [
-        ["plain eval forward pass", f"{f:.3f}", "—"],
-        ["CoDivideCallback loss pass (per-sample CE, gather)", f"{p:.3f}", f"{p / f:.2f}"],
+        ["plain eval forward pass, `torch.no_grad`", f"{f:.3f}", "—"],
+        ["plain eval forward pass, `torch.inference_mode`", f"{i:.3f}", "—"],
+        ["CoDivideCallback loss pass (per-sample CE, gather)", f"{p:.3f}",
+         f"{p / f:.2f} / {p / i:.2f} of the no_grad / inference_mode pass"],
         [f"GMM on {gmm_samples:.0e} losses", f"{g:.3f}", f"{g * 1e6 / gmm_samples:.3f} s per 1e6"],
     ]
     return (f"Co-divide cost, {num_samples} training samples, cnn1d, one torch thread, median of {repeats}:\n\n"
