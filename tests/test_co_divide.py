@@ -286,6 +286,19 @@ def test_divide_can_be_called_by_a_module_with_another_model_fn() -> None:
     torch.testing.assert_close(losses, F.cross_entropy(-model.net(x), y, reduction="none"), rtol=0, atol=1e-6)
 
 
+def test_per_class_callback_fits_one_mixture_per_noisy_class() -> None:
+    pl.seed_everything(0, verbose=False)
+    dataset = toy_dataset(n=60, noisy_every=4)
+    callback = CoDivideCallback(start_epoch=1, per_class=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_epochs=2, callbacks=[callback]).fit(PlainClassifier(lr=0.5), DataLoader(dataset, batch_size=8))
+        expected = per_class_clean_probability(normalise_losses(callback.last_losses), dataset.noisy_labels)
+        global_mixture = clean_probability(normalise_losses(callback.last_losses))
+    torch.testing.assert_close(callback.probability, expected, rtol=0, atol=0)
+    assert not torch.equal(callback.probability, global_mixture)
+
+
 def test_empty_unlabelled_set_warns_once_and_goes_on() -> None:
     class AllEqual(CoDivideCallback):
         def compute_losses(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model_fn: Any = None) -> torch.Tensor:
@@ -333,6 +346,7 @@ def test_a_loader_without_a_dataset_is_named_in_the_error() -> None:
         ({"num_average": 0}, "num_average must be an integer >= 1, got 0"),
         ({"start_epoch": -1}, "start_epoch must be an integer >= 0, got -1"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"per_class": 1}, "per_class must be a bool, got 1"),
     ],
 )
 def test_bad_arguments_are_rejected(kwargs: dict[str, Any], message: str) -> None:
