@@ -15,7 +15,8 @@ mask) at its last epoch, and the median seconds per training epoch of each metho
 Cost: on ``--cost-samples`` training samples (default 40,000), the ``CoDivideCallback`` loss pass of a
 cnn1d classifier against a plain eval-mode forward pass over the same loader (under ``torch.no_grad`` and
 under ``torch.inference_mode``, which the loss pass uses), and the 2-component GMM
-(``clean_probability``) on 1e6 losses; medians of ``--cost-repeats`` runs.
+(``clean_probability``) on 1e6 losses; then the loss pass alone on 1 and 2 CPU ranks (gloo, each rank
+loading only its share of the batches); medians of ``--cost-repeats`` runs.
 """
 
 from __future__ import annotations
@@ -194,6 +195,61 @@ def codivide_cost(num_samples: int, repeats: int, gmm_samples: int) -> str:
             + markdown_table(["step", "seconds", "ratio / rate"], rows))
 
 
+def _rank_pass_seconds(rank: int, world_size: int, port: int, num_samples: int, repeats: int, out: Any) -> None:
+    """One rank of :func:`codivide_ranks_cost`: the median seconds of the sharded loss pass, into ``out``."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from lightning_noisy.callbacks.co_divide import per_sample_cross_entropy
+    from lightning_noisy.data import MNIST1DDataModule
+    from lightning_noisy.models import build_backbone
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        data = MNIST1DDataModule(num_samples=int(num_samples / 0.8), train_split=0.8, noise_type="symmetric",
+                                 noise_rate=0.4, batch_size=128)
+        data.prepare_data()
+        data.setup("fit")
+        torch.manual_seed(0)
+        net = build_backbone("cnn1d", 10).eval()
+        seconds = []
+        for _ in range(repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            per_sample_cross_entropy(net, data.train_eval_dataloader(), num_samples, "cpu", rank, world_size)
+            seconds.append(time.perf_counter() - start)
+        if rank == 0:
+            out.put(statistics.median(seconds))
+    finally:
+        dist.destroy_process_group()
+
+
+def codivide_ranks_cost(num_samples: int, repeats: int, world_sizes: Sequence[int]) -> str:
+    """Seconds of the loss pass (:func:`per_sample_cross_entropy`) on 1, 2, ... CPU ranks (gloo), one thread each."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    rows, single = [], None
+    context = mp.get_context("spawn")
+    for world_size in world_sizes:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        out = context.SimpleQueue()
+        mp.start_processes(_rank_pass_seconds, args=(world_size, port, num_samples, repeats, out),
+                           nprocs=world_size, join=True, start_method="spawn")
+        seconds = out.get()
+        single = seconds if single is None else single
+        rows.append([str(world_size), f"{seconds:.3f}", f"{seconds / single:.2f}"])
+    return (f"\nCo-divide loss pass on CPU ranks (gloo), {num_samples} training samples, cnn1d, one thread per "
+            f"rank, median of {repeats}:\n\n" + markdown_table(["ranks", "seconds", f"ratio to {world_sizes[0]} rank(s)"], rows))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -208,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--skip-cost", action="store_true", help="only run the accuracy grid")
     parser.add_argument("--cost-samples", type=int, default=40_000)
     parser.add_argument("--cost-repeats", type=int, default=3)
+    parser.add_argument("--cost-ranks", nargs="+", type=int, default=[1, 2],
+                        help="numbers of CPU ranks for the sharded loss pass (its first entry is the reference)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"),
                         help="folder for the tables; its runs/ keeps each finished run, reused by a rerun")
     args = parser.parse_args(argv)
@@ -232,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         (args.out / f"dividemix{suffix}.json").write_text(json.dumps(runs, indent=1, default=str))
     if not args.skip_cost:
         report.append(codivide_cost(args.cost_samples, args.cost_repeats, 1_000_000))
+        report.append(codivide_ranks_cost(args.cost_samples, args.cost_repeats, args.cost_ranks))
     text = "\n".join(report)
     print(text)
     (args.out / f"dividemix{suffix}.md").write_text(text + "\n")
