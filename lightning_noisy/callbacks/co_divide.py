@@ -263,7 +263,7 @@ class CoDivideCallback(SampleStateCallback):
         p_threshold: clean-probability threshold in ``(0, 1)`` (DivideMix: 0.5).
         num_average: number of past epochs whose normalised losses are averaged, ``>= 1``.
         gmm_max_iter, gmm_tol, gmm_reg_covar: the mixture's EM settings (DivideMix: 10, 1e-2, 5e-4).
-        batch_size: batch size of the fallback loader (default: the training loader's, else 256).
+        batch_size: batch size of the fallback loader (default: the training loader's, else 128).
         model_fn: ``model_fn(pl_module, x) -> [B, C]`` logits; by default ``pl_module(x)``.
         per_class: one mixture per noisy class (:func:`per_class_clean_probability`) instead of one for
             the whole set; not in DivideMix, off by default.
