@@ -41,14 +41,19 @@ from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder
 ModelFn = Callable[[pl.LightningModule, Tensor], Tensor]
 
 
+def _check_losses(losses: Any) -> None:
+    if not isinstance(losses, Tensor) or losses.ndim != 1:
+        got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(f"losses must be a 1-D tensor [N], got {got}")
+
+
 def normalise_losses(losses: Tensor) -> Tensor:
     """Min-max normalise ``losses [N]`` to ``[0, 1]`` (float32).
 
     The minimum and maximum are taken over the finite values; non-finite values stay non-finite. When
     all finite values are equal they map to 0.
     """
-    if losses.ndim != 1:
-        raise ValueError(f"losses must be a 1-D tensor [N], got shape {tuple(losses.shape)}")
+    _check_losses(losses)
     x = losses.detach().to(device="cpu", dtype=torch.float32)
     finite = torch.isfinite(x)
     if not bool(finite.any()):
@@ -107,9 +112,7 @@ def clean_probability(
     """
     from sklearn.mixture import GaussianMixture
 
-    if not isinstance(losses, Tensor) or losses.ndim != 1:
-        got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-        raise ValueError(f"losses must be a 1-D tensor [N], got {got}")
+    _check_losses(losses)
     x = losses.detach().to(device="cpu", dtype=torch.float64)
     n = x.shape[0]
     finite = torch.isfinite(x)
@@ -165,9 +168,7 @@ def per_class_clean_probability(
     Returns:
         ``[N]`` float32 probabilities on the CPU.
     """
-    if not isinstance(losses, Tensor) or losses.ndim != 1:
-        got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-        raise ValueError(f"losses must be a 1-D tensor [N], got {got}")
+    _check_losses(losses)
     if (not isinstance(labels, Tensor) or labels.shape != losses.shape or labels.is_floating_point()
             or labels.dtype == torch.bool):
         got = f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if isinstance(labels, Tensor) else repr(labels)
