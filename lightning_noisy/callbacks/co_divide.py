@@ -22,6 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from scipy.special import expit
 import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
@@ -81,8 +82,8 @@ def low_component_posterior(gmm: Any, x: np.ndarray) -> np.ndarray:
         z = (x - means[k]) * precision_sqrt[k]
         return np.log(gmm.weights_[k]) + np.log(precision_sqrt[k]) - 0.5 * z * z
 
-    difference = log_density(low) - log_density(high)
-    return 0.5 * (1.0 + np.tanh(0.5 * difference))  # sigmoid, without overflow
+    # the logistic function keeps the small posteriors (down to about 1e-300) that tell tail samples apart
+    return expit(log_density(low) - log_density(high))
 
 
 def clean_probability(
