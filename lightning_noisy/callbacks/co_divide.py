@@ -13,7 +13,6 @@ for each of its two networks) or to the user.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from lightning_noisy.callbacks.base import (
     rank_batches,
     train_eval_loader,
 )
+from lightning_noisy.losses._targets import check_finite_non_negative
 from lightning_noisy.metrics.selection import selection_scores
 from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder
 
@@ -174,12 +174,12 @@ def per_class_clean_probability(
             or labels.dtype == torch.bool):
         got = f"shape {tuple(labels.shape)}, dtype {labels.dtype}" if isinstance(labels, Tensor) else repr(labels)
         raise ValueError(f"labels must be an integer tensor of the losses' shape {tuple(losses.shape)}, got {got}")
-    labels = labels.detach().cpu()
+    labels, losses = labels.detach().cpu(), losses.detach().cpu()
     probability = torch.zeros(losses.shape[0], dtype=torch.float32)
     for label in torch.unique(labels):
         members = torch.nonzero(labels == label).flatten()
         probability[members] = clean_probability(
-            losses.detach().cpu()[members], max_iter=max_iter, tol=tol, reg_covar=reg_covar, seed=seed
+            losses[members], max_iter=max_iter, tol=tol, reg_covar=reg_covar, seed=seed
         )
     return probability
 
@@ -300,11 +300,8 @@ class CoDivideCallback(SampleStateCallback):
         self.p_threshold = float(p_threshold)
         self.num_average = _check_int("num_average", num_average, 1)
         self.gmm_max_iter = _check_int("gmm_max_iter", gmm_max_iter, 1)
-        for name, value in (("gmm_tol", gmm_tol), ("gmm_reg_covar", gmm_reg_covar)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        self.gmm_tol = float(gmm_tol)
-        self.gmm_reg_covar = float(gmm_reg_covar)
+        self.gmm_tol = check_finite_non_negative("gmm_tol", gmm_tol)
+        self.gmm_reg_covar = check_finite_non_negative("gmm_reg_covar", gmm_reg_covar)
         if batch_size is not None:
             _check_int("batch_size", batch_size, 1)
         self.batch_size = batch_size

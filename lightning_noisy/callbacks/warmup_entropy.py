@@ -12,7 +12,6 @@ contract during epochs ``< warmup_epochs``, and logs the mean prediction entropy
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,6 +21,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels
+from lightning_noisy.losses._targets import check_finite_non_negative
 from lightning_noisy.state import StepContext
 
 
@@ -53,8 +53,7 @@ class WarmupEntropyCallback(SampleStateCallback):
         super().__init__(key=key)
         if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be an integer >= 0, got {warmup_epochs!r}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+        check_finite_non_negative("weight", weight)
         self.warmup_epochs = warmup_epochs
         self.weight = float(weight)
         self._active = False

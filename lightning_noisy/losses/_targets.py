@@ -55,6 +55,17 @@ def check_real(
     return number
 
 
+def check_finite_non_negative(name: str, value: object) -> float:
+    """Check that ``value`` is a finite real number ``>= 0`` (not a bool) and return it as float.
+
+    Raises:
+        ValueError: ``"{name} must be a finite number >= 0, got {value!r}"``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def _fmt(bound: float) -> str:
     if math.isinf(bound):
         return "inf" if bound > 0 else "-inf"

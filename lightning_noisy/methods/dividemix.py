@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, default_collate
 from typing_extensions import override
 
 from lightning_noisy.callbacks.base import find_training_labels, train_eval_loader, training_dataset
+from lightning_noisy.losses._targets import check_finite_non_negative
 from lightning_noisy.losses.mixup import sample_mixup_lambda
 from lightning_noisy.losses.regularizers import entropy_loss, prior_loss
 from lightning_noisy.methods.classifier import (
@@ -54,12 +55,6 @@ __all__ = [
 def _check_positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _check_non_negative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
@@ -364,11 +359,11 @@ class DivideMix(HeldOutAccuracy):
             raise ValueError(f"penalty_weight must be a number >= 0, got {penalty_weight!r}")
         if augment is not None and not callable(augment):
             raise ValueError(f"augment must be a callable Tensor -> Tensor or None, got {augment!r}")
-        _check_non_negative("augment_noise_std", augment_noise_std)
+        check_finite_non_negative("augment_noise_std", augment_noise_std)
         if (isinstance(augment_max_scale, bool) or not isinstance(augment_max_scale, (int, float))
                 or not 0 <= augment_max_scale < 1):
             raise ValueError(f"augment_max_scale must be a number in [0, 1), got {augment_max_scale!r}")
-        _check_non_negative("augment_max_trend", augment_max_trend)
+        check_finite_non_negative("augment_max_trend", augment_max_trend)
         if isinstance(augment_max_shift, bool) or not isinstance(augment_max_shift, int) or augment_max_shift < 0:
             raise ValueError(f"augment_max_shift must be an int >= 0, got {augment_max_shift!r}")
         if isinstance(loss_average_epochs, bool) or not isinstance(loss_average_epochs, int) or loss_average_epochs < 1:

@@ -10,7 +10,6 @@ description (the released code pairs the two halves of a shuffled batch instead)
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_noisy.losses._targets import check_finite_non_negative
 from lightning_noisy.methods.classifier import NoisyClassifier, split_batch
 
 __all__ = ["FeatureMixup", "PairAttention", "group_pairs", "mix_features", "mixed_targets", "soft_cross_entropy"]
@@ -144,9 +144,8 @@ class FeatureMixup(NoisyClassifier):
     ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        for name, value in (("lambda_ce", lambda_ce), ("lambda_mix", lambda_mix)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        check_finite_non_negative("lambda_ce", lambda_ce)
+        check_finite_non_negative("lambda_mix", lambda_mix)
         if isinstance(pairs_per_group, bool) or not isinstance(pairs_per_group, int) or pairs_per_group < 1:
             raise ValueError(f"pairs_per_group must be an integer >= 1, got {pairs_per_group!r}")
         if self.hparams.mixup_alpha > 0:
