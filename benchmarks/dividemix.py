@@ -15,7 +15,8 @@ mask) at its last epoch, and the median seconds per training epoch of each metho
 Cost: on ``--cost-samples`` training samples (default 40,000), the ``CoDivideCallback`` loss pass of a
 cnn1d classifier against a plain eval-mode forward pass over the same loader (under ``torch.no_grad`` and
 under ``torch.inference_mode``, which the loss pass uses), and the 2-component GMM
-(``clean_probability``) on 1e6 losses; then the loss pass alone on 1 and 2 CPU ranks (gloo, each rank
+(``clean_probability``) on 1e6 losses, fit to a 1e5 subset (the default) and to all, on synthetic losses
+and on losses drawn from the trained classifier's; then the loss pass alone on 1 and 2 CPU ranks (gloo, each rank
 loading only its share of the batches); medians of ``--cost-repeats`` runs.
 """
 
@@ -143,7 +144,6 @@ def codivide_cost(num_samples: int, repeats: int, gmm_samples: int) -> str:
     import torch
 
     from lightning_noisy.callbacks import CoDivideCallback
-    from lightning_noisy.callbacks.co_divide import clean_probability
     from lightning_noisy.data import MNIST1DDataModule
     from lightning_noisy.methods import NoisyClassifier
 
@@ -172,27 +172,71 @@ def codivide_cost(num_samples: int, repeats: int, gmm_samples: int) -> str:
     for _ in range(repeats):  # alternating, so that load from elsewhere affects all alike
         forward.append(forward_pass(torch.no_grad))
         inference.append(forward_pass(torch.inference_mode))
-        callback.compute_losses(trainer, model)
+        trained_losses = callback.compute_losses(trainer, model)
         loss_pass.append(callback.last_pass_seconds)
-    generator = torch.Generator().manual_seed(0)
-    clean = torch.rand(gmm_samples, generator=generator) < 0.6
-    losses = torch.where(clean, 0.2, 2.0) + 0.3 * torch.rand(gmm_samples, generator=generator)
-    gmm = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        clean_probability(losses)
-        gmm.append(time.perf_counter() - start)
     f, i = statistics.median(forward), statistics.median(inference)
-    p, g = statistics.median(loss_pass), statistics.median(gmm)
+    p = statistics.median(loss_pass)
     rows = [
         ["plain eval forward pass, `torch.no_grad`", f"{f:.3f}", "—"],
         ["plain eval forward pass, `torch.inference_mode`", f"{i:.3f}", "—"],
         ["CoDivideCallback loss pass (per-sample CE, gather)", f"{p:.3f}",
          f"{p / f:.2f} / {p / i:.2f} of the no_grad / inference_mode pass"],
-        [f"GMM on {gmm_samples:.0e} losses", f"{g:.3f}", f"{g * 1e6 / gmm_samples:.3f} s per 1e6"],
+        ["loss pass beyond the inference_mode pass, per sample", f"{p - i:+.3f}",
+         f"{(p - i) * 1e6 / num_samples:+.2f} µs per sample (forward: {i * 1e6 / num_samples:.2f} µs)"],
     ]
+    gmm_table, gmm_rate = gmm_cost(trained_losses, repeats, gmm_samples)
+    extra_rate = (p - i) * 1e6 / num_samples
     return (f"Co-divide cost, {num_samples} training samples, cnn1d, one torch thread, median of {repeats}:\n\n"
-            + markdown_table(["step", "seconds", "ratio / rate"], rows))
+            + markdown_table(["step", "seconds", "ratio / rate"], rows) + "\n" + gmm_table
+            + f"\nThe co-divide beyond one inference_mode forward pass, per 1e6 samples: {extra_rate:.3f} s of loss "
+            f"pass and {gmm_rate:.3f} s of GMM (trained network's losses, default fit) = {extra_rate + gmm_rate:.3f} s\n")
+
+
+def gmm_cost(trained_losses: Any, repeats: int, num_losses: int) -> tuple[str, float]:
+    """Seconds of ``clean_probability`` on ``num_losses`` losses, fit to at most 1e5 of them and to all.
+
+    Two sets of losses: a synthetic one whose modes lie apart and one drawn with replacement from
+    ``trained_losses`` (a trained network's); the table gives the EM steps of a fit to all of them, and
+    the share of samples that the capped fit divides otherwise than the fit to all. Returns the table
+    and the seconds per 1e6 losses of the default (capped) fit on the trained network's losses.
+    """
+    import warnings
+
+    import torch
+    from sklearn.mixture import GaussianMixture
+
+    from lightning_noisy.callbacks.co_divide import DEFAULT_MAX_FIT_SAMPLES, clean_probability, normalise_losses
+
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.rand(num_losses, generator=generator) < 0.6
+    losses = {
+        "synthetic, modes apart": torch.where(clean, 0.2, 2.0) + 0.3 * torch.rand(num_losses, generator=generator),
+        "drawn from the trained network's": trained_losses[
+            torch.randint(trained_losses.numel(), (num_losses,), generator=generator)],
+    }
+    rows, rates = [], {}
+    for name, values in losses.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # EM capped at 10 steps
+            steps = GaussianMixture(2, max_iter=10, tol=1e-2, reg_covar=5e-4, random_state=0).fit(
+                normalise_losses(values).double().numpy()[:, None]).n_iter_
+        divisions = {}
+        for cap in (DEFAULT_MAX_FIT_SAMPLES, None):
+            seconds = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                divisions[cap] = clean_probability(values, max_fit_samples=cap) > 0.5
+                seconds.append(time.perf_counter() - start)
+            g = statistics.median(seconds)
+            rates[name, cap] = g * 1e6 / num_losses
+            fit = f"{cap:.0e}" if cap else "all"
+            rows.append([f"{name} (EM: {steps} steps)", fit, f"{g:.3f}", f"{rates[name, cap]:.3f}"])
+        differ = float((divisions[DEFAULT_MAX_FIT_SAMPLES] != divisions[None]).float().mean())
+        rows[-2].append(f"{100 * differ:.3f}%")
+        rows[-1].append("—")
+    table = (f"\nGMM (`clean_probability`) on {num_losses:.0e} losses, median of {repeats}:\n\n"
+             + markdown_table(["losses", "fit to", "seconds", "s per 1e6", "divided otherwise than fit to all"], rows))
+    return table, rates["drawn from the trained network's", DEFAULT_MAX_FIT_SAMPLES]
 
 
 def _rank_pass_seconds(rank: int, world_size: int, port: int, num_samples: int, repeats: int, out: Any) -> None:

@@ -96,6 +96,42 @@ def test_closed_form_posterior_equals_scikit_learns(seed: int) -> None:
         np.testing.assert_allclose(low_component_posterior(gmm, x), expected, rtol=1e-9, atol=1e-300)
 
 
+def _overlapping(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    is_low = torch.rand(n, generator=g) < 0.6
+    return torch.where(is_low, 0.1 + 0.05 * torch.randn(n, generator=g), 0.6 + 0.15 * torch.randn(n, generator=g))
+
+
+def test_mixture_is_fit_to_a_seeded_subset_beyond_max_fit_samples() -> None:
+    from sklearn.mixture import GaussianMixture
+
+    losses = _overlapping(4000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # EM capped at 10 iterations
+        full = clean_probability(losses, max_fit_samples=None)
+        assert torch.equal(clean_probability(losses, max_fit_samples=4000), full)  # no more losses than the cap
+        capped = clean_probability(losses, seed=3, max_fit_samples=300)
+        # the documented subset: 300 normalised losses drawn without replacement by default_rng(seed)
+        x = normalise_losses(losses).double().numpy()
+        subset = x[np.random.default_rng(3).choice(4000, size=300, replace=False)]
+        gmm = GaussianMixture(n_components=2, max_iter=10, tol=1e-2, reg_covar=5e-4, random_state=3).fit(subset[:, None])
+    expected = gmm.predict_proba(x[:, None])[:, int(np.argmin(gmm.means_[:, 0]))]
+    torch.testing.assert_close(capped, torch.from_numpy(expected).float(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(capped, full, atol=1e-4)
+    # a 300-sample fit still divides nearly every sample as the full fit does
+    assert float(((capped > 0.5) == (full > 0.5)).float().mean()) >= 0.98
+
+
+@pytest.mark.parametrize("bad", [1, 0, True, 2.5, "100"])
+def test_max_fit_samples_must_be_an_integer_of_at_least_two(bad: Any) -> None:
+    with pytest.raises(ValueError, match=f"max_fit_samples must be None or an integer >= 2, got {bad!r}"):
+        clean_probability(torch.rand(10), max_fit_samples=bad)
+    with pytest.raises(ValueError, match="max_fit_samples must be None"):
+        per_class_clean_probability(torch.rand(10), torch.zeros(10, dtype=torch.long), max_fit_samples=bad)
+    with pytest.raises(ValueError, match="max_fit_samples must be None"):
+        CoDivideCallback(gmm_max_fit_samples=bad)
+
+
 def test_per_class_division_keeps_every_class_labelled() -> None:
     # class 2's losses all lie above the others': one mixture calls that class noisy, one per class does not
     g = torch.Generator().manual_seed(0)
@@ -158,7 +194,10 @@ def test_rank_batches_skip_the_others_of_an_iterable_dataset() -> None:
     assert [(b, batch[2].tolist()) for b, batch in batches] == [(1, [3, 4, 5]), (3, [9])]
 
 
-def test_loss_pass_equals_the_cross_entropy_of_each_sample() -> None:
+@pytest.mark.parametrize("scored_rows", [1, 10, 8192])
+def test_loss_pass_equals_the_cross_entropy_of_each_sample(monkeypatch: pytest.MonkeyPatch, scored_rows: int) -> None:
+    # batches of 7 are scored one by one, two at a time (14 rows, then the 2 left) or all 30 at once
+    monkeypatch.setattr("lightning_noisy.callbacks.co_divide._SCORED_ROWS", scored_rows)
     dataset = toy_dataset(n=30, noisy_every=3)
     net = torch.nn.Linear(dataset[0][0].numel(), 3)
     x = torch.stack([dataset[i][0] for i in range(30)])

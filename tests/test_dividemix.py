@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,7 @@ def test_default_augment_without_scale_or_trend_draws_as_before() -> None:
         ({"warmup_epochs": -1}, "warmup_epochs"),
         ({"warmup_augment": 1}, "warmup_augment must be a bool, got 1"),
         ({"divide_per_class": "yes"}, "divide_per_class must be a bool, got 'yes'"),
+        ({"gmm_max_fit_samples": 1}, "max_fit_samples must be None or an integer >= 2, got 1"),
         ({"labelled_batch_size": 0}, "labelled_batch_size must be an int >= 1 or None, got 0"),
         ({"labelled_batch_size": 8.0}, "labelled_batch_size must be an int >= 1 or None, got 8.0"),
         ({"p_threshold": 1.0}, "p_threshold"),
@@ -349,6 +351,20 @@ def test_per_class_division_fits_one_mixture_per_noisy_class(one_thread: None) -
     expected = per_class_clean_probability(model.recorded[0], data.noisy_labels, seed=0)
     torch.testing.assert_close(model.prob_a, expected.to(model.prob_a), rtol=0, atol=1e-5)
     assert not torch.allclose(model.prob_a, clean_probability(model.recorded[0], seed=0).to(model.prob_a), atol=1e-3)
+
+
+def test_division_fits_at_most_gmm_max_fit_samples_losses(one_thread: None) -> None:
+    model = LossRecordingDivideMix(backbone="cnn1d", warmup_epochs=1, lambda_u=10.0, rampup_length=1, seed=0,
+                                   gmm_max_fit_samples=100)
+    model.recorded = []
+    trainer(max_epochs=2).fit(model, datamodule=_data(300, batch_size=64))
+    assert len(model.recorded) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = clean_probability(model.recorded[0], seed=0, max_fit_samples=100)
+        every_loss = clean_probability(model.recorded[0], seed=0, max_fit_samples=None)
+    torch.testing.assert_close(model.prob_a, expected.to(model.prob_a), rtol=0, atol=0)
+    assert not torch.equal(model.prob_a, every_loss.to(model.prob_a))
 
 
 class RankCheckedDivideMix(DivideMix):

@@ -21,6 +21,14 @@ from torch.utils.data import DataLoader, default_collate
 from typing_extensions import override
 
 from lightning_noisy.callbacks.base import find_training_labels, train_eval_loader, training_dataset
+from lightning_noisy.callbacks.co_divide import (
+    DEFAULT_MAX_FIT_SAMPLES,
+    check_max_fit_samples,
+    clean_probability,
+    normalise_losses,
+    per_class_clean_probability,
+    per_sample_cross_entropy,
+)
 from lightning_noisy.losses._targets import check_finite_non_negative
 from lightning_noisy.losses.mixup import sample_mixup_lambda
 from lightning_noisy.losses.regularizers import entropy_loss, prior_loss
@@ -289,6 +297,8 @@ class DivideMix(HeldOutAccuracy):
             this many co-divides (reference code: 5 at 90% noise, else 1); the history is checkpointed.
         gmm_max_iter: iterations of the GMM fit (reference: 10).
         gmm_reg_covar: covariance regularisation of the GMM (reference: 5e-4).
+        gmm_max_fit_samples: the GMM is fit to at most this many losses (a seeded uniform subset) and gives
+            every sample's posterior; ``None`` fits to all (:func:`clean_probability`).
         divide_per_class: fit one GMM per noisy class (:func:`per_class_clean_probability`) instead of one
             for the whole set, so every class keeps labelled samples; not in the paper, off by default.
         seed: network a is initialised from ``seed``, network b from ``seed + 1`` (global RNG untouched); also
@@ -325,6 +335,7 @@ class DivideMix(HeldOutAccuracy):
         loss_average_epochs: int = 1,
         gmm_max_iter: int = 10,
         gmm_reg_covar: float = 5e-4,
+        gmm_max_fit_samples: int | None = DEFAULT_MAX_FIT_SAMPLES,
         divide_per_class: bool = False,
         seed: int = 0,
         optimizer: OptimizerName = "sgd",
@@ -371,6 +382,7 @@ class DivideMix(HeldOutAccuracy):
         if isinstance(gmm_max_iter, bool) or not isinstance(gmm_max_iter, int) or gmm_max_iter < 1:
             raise ValueError(f"gmm_max_iter must be an int >= 1, got {gmm_max_iter!r}")
         _check_positive("gmm_reg_covar", gmm_reg_covar)
+        check_max_fit_samples(gmm_max_fit_samples)
         if not isinstance(divide_per_class, bool):
             raise ValueError(f"divide_per_class must be a bool, got {divide_per_class!r}")
         self.num_classes = int(num_classes)
@@ -435,8 +447,6 @@ class DivideMix(HeldOutAccuracy):
         During a fit the pass is split between the DDP ranks and gathered (a collective: every rank calls
         it), see :func:`~lightning_noisy.callbacks.co_divide.per_sample_cross_entropy`.
         """
-        from lightning_noisy.callbacks.co_divide import per_sample_cross_entropy
-
         trainer = self._trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         collective = trainer.strategy.root_device if trainer is not None else self.device
@@ -449,12 +459,6 @@ class DivideMix(HeldOutAccuracy):
 
     def co_divide(self) -> None:
         """Fit the division of each network on its per-sample losses; fills ``prob_a`` and ``prob_b``."""
-        from lightning_noisy.callbacks.co_divide import (
-            clean_probability,
-            normalise_losses,
-            per_class_clean_probability,
-        )
-
         loader = train_eval_loader(self.trainer, "DivideMix")
         n = int(self.prob_a.shape[0])
         hp = self.hparams
@@ -464,7 +468,8 @@ class DivideMix(HeldOutAccuracy):
             if window > 1:  # the ring's slots fill in order, so the first min(count + 1, K) hold the last ones
                 self.loss_history[row, count % window] = normalise_losses(losses).to(self.loss_history)
                 losses = self.loss_history[row, : min(count + 1, window)].mean(0)
-            gmm = {"max_iter": hp.gmm_max_iter, "reg_covar": hp.gmm_reg_covar, "seed": hp.seed}
+            gmm = {"max_iter": hp.gmm_max_iter, "reg_covar": hp.gmm_reg_covar, "seed": hp.seed,
+                   "max_fit_samples": hp.gmm_max_fit_samples}
             if hp.divide_per_class:
                 prob = per_class_clean_probability(losses, self._noisy_labels, **gmm)
             else:
