@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -12,9 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_noisy.callbacks.curriculum import CurriculumCallback, density_curriculum, local_density
+from lightning_noisy.callbacks.curriculum import CurriculumCallback, default_features, density_curriculum, local_density
 from lightning_noisy.data import EpochShuffleSampler
-from tests.helpers import NUM_CLASSES, PlainClassifier, toy_dataset, toy_loader, trainer
+from tests.helpers import NUM_CLASSES, PlainClassifier, SpawnDDPStrategy, toy_dataset, toy_loader, trainer
 
 # -- density_curriculum -----------------------------------------------------------------------------
 
@@ -127,6 +128,50 @@ def test_subsets_are_computed_from_the_model_at_the_curriculum_epoch() -> None:
     assert torch.equal(callback.sample_weights(3), torch.tensor([1.0, 0.5, 0.5])[expected])
     assert "curriculum/clean_precision_easy" in model.trainer.callback_metrics
     assert "curriculum/active_fraction" not in model.trainer.callback_metrics  # epoch 0 trained on all data
+
+
+class RankCheckedCurriculum(CurriculumCallback):
+    """Asserts on each rank which rows its feature pass ran and that the subsets equal one process's."""
+
+    def __init__(self, rows_per_rank: tuple[int, int], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.rows_per_rank = rows_per_rank
+
+    def _compute_subsets(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rows: list[int] = []
+        self.feature_fn = lambda module, x: (rows.append(int(x.shape[0])), default_features(module, x))[1]
+        super()._compute_subsets(trainer, pl_module)
+        assert trainer.world_size == 2 and sum(rows) == self.rows_per_rank[trainer.global_rank], rows
+        dataset = trainer.train_dataloader.dataset
+        with torch.no_grad():  # every sample's features, computed by this rank alone
+            pl_module.eval()
+            features = pl_module(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+            pl_module.train()
+        expected = density_curriculum(features, dataset.noisy_labels, NUM_CLASSES)
+        assert torch.equal(self.subsets.values, expected)
+        gathered = trainer.strategy.all_gather(self.subsets.values)
+        assert torch.equal(gathered[0], gathered[1]), "the subsets differ between ranks"
+        self.__dict__["checked"] = True
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.__dict__.get("checked"), "no feature pass ran"
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize(
+    ("feature_batch_size", "rows_per_rank"),
+    # 30 samples in batches of 4: rank 0 runs batches 0, 2, 4, 6 and rank 1 batches 1, 3, 5, 7 (the last of 2);
+    # one batch of 30: rank 0 runs it and rank 1, which has none, runs it too to learn the feature size
+    [(4, (16, 14)), (64, (30, 30))],
+)
+def test_feature_pass_is_split_between_two_ranks_and_equals_one_process(
+    feature_batch_size: int, rows_per_rank: tuple[int, int]
+) -> None:
+    callback = RankCheckedCurriculum(rows_per_rank, curriculum_epoch=0, stage_epochs=[2, 3],
+                                     feature_batch_size=feature_batch_size)
+    trainer(devices=2, strategy=SpawnDDPStrategy(), max_epochs=1, callbacks=[callback]).fit(
+        PlainClassifier(), DataLoader(toy_dataset(n=30), batch_size=4, shuffle=True)
+    )
 
 
 def test_inactive_samples_do_not_contribute_to_the_gradient() -> None:

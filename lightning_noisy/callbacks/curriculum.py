@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels, train_eval_loader
+from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels, rank_batches, train_eval_loader
 from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder, StepContext
 
 FeatureFn = Callable[[pl.LightningModule, Tensor], Tensor]
@@ -333,26 +333,26 @@ class CurriculumCallback(SampleStateCallback):
             self.log_epoch_metrics(pl_module, metrics)
 
     def _compute_subsets(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Features of the whole training set from the current model, then the density subsets."""
+        """Features of the whole training set from the current model, then the density subsets.
+
+        Rank ``r`` of ``W`` loads and runs only the batches ``batch_idx % W == r`` (:func:`rank_batches`)
+        and the features are gathered, so every rank computes the same subsets.
+        """
         assert self.subsets is not None and self.training_labels is not None
-        rank, world = trainer.global_rank, trainer.world_size
         recorder: SampleRecorder | None = None
         was_training = pl_module.training
         pl_module.eval()
         try:
             with torch.no_grad():
                 loader = train_eval_loader(trainer, "CurriculumCallback", self.feature_batch_size)
-                for batch_idx, batch in enumerate(loader):
-                    if not (batch_idx % world == rank or (batch_idx == 0 and recorder is None)):
-                        continue
-                    if not isinstance(batch, (list, tuple)) or len(batch) != 3:
-                        raise ValueError("CurriculumCallback's feature pass needs batches [input, target, index]")
-                    x = move_data_to_device(batch[0], pl_module.device)
-                    features = self.feature_fn(pl_module, x).detach().float().flatten(1)
-                    if recorder is None:  # every rank runs batch 0 to learn the feature size D
+                for _, batch in rank_batches(loader, trainer.global_rank, trainer.world_size):
+                    index, features = self._batch_features(pl_module, batch)
+                    if recorder is None:
                         recorder = SampleRecorder((int(features.shape[1]),), torch.float32)
-                    if batch_idx % world == rank:
-                        recorder.add(batch[2].to(torch.long), features)
+                    recorder.add(index, features)
+                first = next(iter(loader), None) if recorder is None else None
+                if first is not None:  # a rank without batches (more ranks than batches) still needs D to gather
+                    recorder = SampleRecorder((int(self._batch_features(pl_module, first)[1].shape[1]),), torch.float32)
         finally:
             pl_module.train(was_training)
         if recorder is None:
@@ -367,6 +367,13 @@ class CurriculumCallback(SampleStateCallback):
             features, labels.noisy[index], labels.num_classes, self.num_subsets, self.cutoff_percentile
         )
         self.subsets.write(index, subsets)
+
+    def _batch_features(self, pl_module: pl.LightningModule, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(index [B], features [B, D])`` of one ``[input, target, index]`` batch."""
+        if not isinstance(batch, (list, tuple)) or len(batch) != 3:
+            raise ValueError("CurriculumCallback's feature pass needs batches [input, target, index]")
+        x = move_data_to_device(batch[0], pl_module.device)
+        return batch[2].to(torch.long), self.feature_fn(pl_module, x).detach().float().flatten(1)
 
     @override
     def sample_buffers(self) -> dict[str, SampleBuffer | SampleHistory]:
