@@ -89,6 +89,9 @@ def test_bad_forget_rate(rate: float) -> None:
 def test_bad_schedule_arguments() -> None:
     with pytest.raises(ValueError, match="num_gradual.*-1"):
         forget_rate_schedule(0, 0.2, -1)
+    for exponent in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match=f"exponent must be a finite number > 0, got {exponent!r}"):
+            forget_rate_schedule(0, 0.2, 10, exponent)
     with pytest.raises(ValueError, match="disagreement_start_epoch.*-3"):
         coteaching(disagreement_start_epoch=-3)
     with pytest.raises(ValueError, match="hard integer labels"):

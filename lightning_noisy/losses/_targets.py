@@ -61,8 +61,22 @@ def check_finite_non_negative(name: str, value: object) -> float:
     Raises:
         ValueError: ``"{name} must be a finite number >= 0, got {value!r}"``.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return _check_finite_above_zero(name, value, allow_zero=True)
+
+
+def check_finite_positive(name: str, value: object) -> float:
+    """Check that ``value`` is a finite real number ``> 0`` (not a bool) and return it as float.
+
+    Raises:
+        ValueError: ``"{name} must be a finite number > 0, got {value!r}"``.
+    """
+    return _check_finite_above_zero(name, value, allow_zero=False)
+
+
+def _check_finite_above_zero(name: str, value: object, allow_zero: bool) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value < 0 or (value == 0 and not allow_zero)):
+        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
     return float(value)
 
 

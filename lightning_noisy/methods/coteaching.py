@@ -3,7 +3,6 @@ train each other on the samples the other one finds easy (small loss)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_noisy.callbacks.base import find_training_labels
+from lightning_noisy.losses._targets import check_finite_positive
 from lightning_noisy.methods.classifier import (
     OptimizerName,
     SchedulerName,
@@ -51,8 +51,7 @@ def forget_rate_schedule(epoch: int, forget_rate: float, num_gradual: int, expon
     _check_forget_rate(forget_rate)
     if isinstance(num_gradual, bool) or not isinstance(num_gradual, int) or num_gradual < 0:
         raise ValueError(f"num_gradual must be an integer >= 0, got {num_gradual!r}")
-    if not (isinstance(exponent, (int, float)) and math.isfinite(exponent) and exponent > 0):
-        raise ValueError(f"exponent must be a finite number > 0, got {exponent!r}")
+    check_finite_positive("exponent", exponent)
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
     if num_gradual == 0:

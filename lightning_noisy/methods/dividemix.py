@@ -29,7 +29,7 @@ from lightning_noisy.callbacks.co_divide import (
     per_class_clean_probability,
     per_sample_cross_entropy,
 )
-from lightning_noisy.losses._targets import check_finite_non_negative
+from lightning_noisy.losses._targets import check_finite_non_negative, check_finite_positive
 from lightning_noisy.losses.mixup import sample_mixup_lambda
 from lightning_noisy.losses.regularizers import entropy_loss, prior_loss
 from lightning_noisy.methods.classifier import (
@@ -60,12 +60,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------- pure functions
-def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
 def _check_probs(name: str, p: Tensor) -> None:
     if not isinstance(p, Tensor) or p.ndim != 2 or not p.is_floating_point():
         got = f"shape {tuple(p.shape)}, dtype {p.dtype}" if isinstance(p, Tensor) else repr(p)
@@ -82,7 +76,7 @@ def sharpen(p: Tensor, temperature: float) -> Tensor:
     Returns:
         ``[B, C]`` rows summing to 1, in the dtype of ``p``.
     """
-    temperature = _check_positive("temperature", temperature)
+    temperature = check_finite_positive("temperature", temperature)
     _check_probs("p", p)
     powered = p.clamp_min(0) ** (1.0 / temperature)
     return powered / powered.sum(dim=1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
@@ -146,7 +140,7 @@ def linear_rampup(epoch_progress: float, warmup: float, lambda_u: float, rampup_
     """
     if isinstance(lambda_u, bool) or not isinstance(lambda_u, (int, float)) or not lambda_u >= 0:
         raise ValueError(f"lambda_u must be a number >= 0, got {lambda_u!r}")
-    rampup_length = _check_positive("rampup_length", rampup_length)
+    rampup_length = check_finite_positive("rampup_length", rampup_length)
     current = min(max((float(epoch_progress) - float(warmup)) / rampup_length, 0.0), 1.0)
     return float(lambda_u) * current
 
@@ -364,8 +358,8 @@ class DivideMix(HeldOutAccuracy):
         if isinstance(p_threshold, bool) or not isinstance(p_threshold, (int, float)) or not 0 < p_threshold < 1:
             raise ValueError(f"p_threshold must be a number in (0, 1), got {p_threshold!r}")
         linear_rampup(0.0, 0, lambda_u, rampup_length)  # validates lambda_u and rampup_length
-        _check_positive("temperature", temperature)
-        _check_positive("alpha", alpha)
+        check_finite_positive("temperature", temperature)
+        check_finite_positive("alpha", alpha)
         if isinstance(penalty_weight, bool) or not isinstance(penalty_weight, (int, float)) or not penalty_weight >= 0:
             raise ValueError(f"penalty_weight must be a number >= 0, got {penalty_weight!r}")
         if augment is not None and not callable(augment):
@@ -381,7 +375,7 @@ class DivideMix(HeldOutAccuracy):
             raise ValueError(f"loss_average_epochs must be an int >= 1, got {loss_average_epochs!r}")
         if isinstance(gmm_max_iter, bool) or not isinstance(gmm_max_iter, int) or gmm_max_iter < 1:
             raise ValueError(f"gmm_max_iter must be an int >= 1, got {gmm_max_iter!r}")
-        _check_positive("gmm_reg_covar", gmm_reg_covar)
+        check_finite_positive("gmm_reg_covar", gmm_reg_covar)
         check_max_fit_samples(gmm_max_fit_samples)
         if not isinstance(divide_per_class, bool):
             raise ValueError(f"divide_per_class must be a bool, got {divide_per_class!r}")
