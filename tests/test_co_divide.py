@@ -128,7 +128,7 @@ def test_max_fit_samples_must_be_an_integer_of_at_least_two(bad: Any) -> None:
         clean_probability(torch.rand(10), max_fit_samples=bad)
     with pytest.raises(ValueError, match="max_fit_samples must be None"):
         per_class_clean_probability(torch.rand(10), torch.zeros(10, dtype=torch.long), max_fit_samples=bad)
-    with pytest.raises(ValueError, match="max_fit_samples must be None"):
+    with pytest.raises(ValueError, match=f"gmm_max_fit_samples must be None or an integer >= 2, got {bad!r}"):
         CoDivideCallback(gmm_max_fit_samples=bad)
 
 

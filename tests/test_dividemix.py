@@ -148,7 +148,7 @@ def test_default_augment_without_scale_or_trend_draws_as_before() -> None:
         ({"warmup_epochs": -1}, "warmup_epochs"),
         ({"warmup_augment": 1}, "warmup_augment must be a bool, got 1"),
         ({"divide_per_class": "yes"}, "divide_per_class must be a bool, got 'yes'"),
-        ({"gmm_max_fit_samples": 1}, "max_fit_samples must be None or an integer >= 2, got 1"),
+        ({"gmm_max_fit_samples": 1}, "^gmm_max_fit_samples must be None or an integer >= 2, got 1"),
         ({"labelled_batch_size": 0}, "labelled_batch_size must be an int >= 1 or None, got 0"),
         ({"labelled_batch_size": 8.0}, "labelled_batch_size must be an int >= 1 or None, got 8.0"),
         ({"p_threshold": 1.0}, "p_threshold"),

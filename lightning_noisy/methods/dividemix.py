@@ -376,7 +376,7 @@ class DivideMix(HeldOutAccuracy):
         if isinstance(gmm_max_iter, bool) or not isinstance(gmm_max_iter, int) or gmm_max_iter < 1:
             raise ValueError(f"gmm_max_iter must be an int >= 1, got {gmm_max_iter!r}")
         check_finite_positive("gmm_reg_covar", gmm_reg_covar)
-        check_max_fit_samples(gmm_max_fit_samples)
+        check_max_fit_samples(gmm_max_fit_samples, "gmm_max_fit_samples")
         if not isinstance(divide_per_class, bool):
             raise ValueError(f"divide_per_class must be a bool, got {divide_per_class!r}")
         self.num_classes = int(num_classes)
