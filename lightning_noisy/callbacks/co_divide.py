@@ -21,9 +21,9 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from scipy.special import expit
 import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from scipy.special import expit
 from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -240,6 +240,7 @@ def per_sample_cross_entropy(
     device = torch.device(device)
     recorder = SampleRecorder((), torch.float32)
     pending: list[tuple[Tensor, Tensor, Tensor]] = []  # (logits, labels, index) of batches not yet scored
+    pending_rows = 0
 
     def score_pending() -> None:
         logits, labels, index = (torch.cat(parts) for parts in zip(*pending))
@@ -247,7 +248,6 @@ def per_sample_cross_entropy(
         pending.clear()
 
     with torch.inference_mode():
-        pending_rows = 0
         for _, batch in rank_batches(loader, rank, world_size):
             if not isinstance(batch, (list, tuple)) or len(batch) != 3:
                 raise ValueError("the per-sample loss pass needs batches [input, label, index] of the training set")
