@@ -92,14 +92,18 @@ class StoreChecker(LabelCorrectionCallback):
         gathered = trainer.strategy.all_gather(self.labels)
         assert torch.equal(gathered[0], gathered[1]), "label stores differ between ranks"
         epochs = trainer.current_epoch + 1
-        assert torch.equal(self._history.visits, torch.full((N + 1,), epochs)), self._history.visits
+        index, _ = self.local_labels()
+        sharded = self.state_options.shard_state is not False  # 11 rows in blocks of 6 and 5, or all 11
+        assert index.tolist() == (list(range(6)) if trainer.global_rank == 0 else list(range(6, 11))) if sharded else list(range(11))
+        assert torch.equal(self._history.visits, torch.full((index.shape[0],), epochs)), self._history.visits
         ids = torch.arange(N + 1) % N  # sample 10 predicts like sample 0
         torch.testing.assert_close(self.labels, TABLE[:epochs, ids].mean(0))
 
 
 @pytest.mark.ddp
-def test_label_store_identical_on_two_ranks_and_covers_every_index_once() -> None:
-    callback = StoreChecker(update="soft", num_average_epochs=3, start_epoch=0)
+@pytest.mark.parametrize("shard_state", [None, False])
+def test_label_store_identical_on_two_ranks_and_covers_every_index_once(shard_state: bool | None) -> None:
+    callback = StoreChecker(update="soft", num_average_epochs=3, start_epoch=0, shard_state=shard_state)
     # 11 samples on 2 ranks: DistributedSampler pads with a duplicate index
     trainer(devices=2, strategy=SpawnDDPStrategy(), max_epochs=3, callbacks=[callback]).fit(
         ScriptedClassifier(), DataLoader(scripted_data(N + 1), batch_size=3, shuffle=True)

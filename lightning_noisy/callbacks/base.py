@@ -18,6 +18,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from typing_extensions import override
 
 from lightning_noisy.state import BatchContract, SampleBuffer, SampleHistory, StepContext
+from lightning_noisy.state.layout import RowLayout
+from lightning_noisy.state.sharded import state_on_rank_zero
+from lightning_noisy.state.storage import StateOptions
 
 
 @dataclass(frozen=True)
@@ -157,14 +160,21 @@ class SampleStateCallback(Callback):
     training batch of the epoch, so it is done before validation and before any checkpoint of that epoch
     is written, and resuming from an epoch-boundary checkpoint continues as the uninterrupted run would.
 
+    A subclass that shards its state builds its buffers on :meth:`row_layout`: under DDP each rank then
+    holds only its block of rows, and a checkpoint gathers the blocks on rank 0 (each block sent once),
+    from which any world size restores its own blocks.
+
     Args:
         key: distinguishes two instances of one callback class in a checkpoint.
+        state_options: sharding and storage of the per-sample state (see :class:`StateOptions`).
     """
 
     require_logits: bool = True
 
-    def __init__(self, key: str | None = None) -> None:
+    def __init__(self, key: str | None = None, state_options: StateOptions | None = None) -> None:
         self.key = key
+        self.state_options = state_options if state_options is not None else StateOptions()
+        self.collective_device = torch.device("cpu")
         self._state_key: tuple[str | None, str] | None = None
         self.contract: BatchContract | None = None
         self.context: StepContext | None = None
@@ -212,9 +222,17 @@ class SampleStateCallback(Callback):
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=False, on_epoch=True, batch_size=1)
 
+    def row_layout(self, trainer: pl.Trainer, num_samples: int) -> RowLayout:
+        """This rank's block of the ``num_samples`` rows: a ``1 / W`` block when the state is sharded, else all."""
+        if self.state_options.sharded(trainer.world_size):
+            return RowLayout(num_samples, trainer.world_size, trainer.global_rank)
+        return RowLayout(num_samples)
+
     def sample_state_dict(self) -> dict[str, Any]:
+        """The buffers' states (whole tables on rank 0 when sharded: a collective) and :meth:`extra_state_dict`."""
         buffers = self.sample_buffers()
-        return {"buffers": {k: b.state_dict() for k, b in buffers.items()}, "extra": self.extra_state_dict()}
+        states = {k: state_on_rank_zero(b, self.collective_device) for k, b in buffers.items()}
+        return {"buffers": states, "extra": self.extra_state_dict()}
 
     def load_sample_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`sample_state_dict` after :meth:`allocate`: every buffer is checked before any changes."""
@@ -254,6 +272,7 @@ class SampleStateCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.training_labels = find_training_labels(trainer)
+        self.collective_device = trainer.strategy.root_device
         self.allocate(trainer, pl_module, self.training_labels)
         if self._loaded_state is not None:
             state, self._loaded_state = self._loaded_state, None

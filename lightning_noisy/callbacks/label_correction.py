@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -15,9 +15,11 @@ from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels, 
 from lightning_noisy.data.noise import save_corrected_labels
 from lightning_noisy.losses.regularizers import entropy_loss, prior_loss
 from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder, StepContext
-from lightning_noisy.state.label_rules import UPDATE_RULES, UpdateRule, label_entropy, update_labels
-
-HistoryDtype = Literal["float32", "float16", "bfloat16"]
+from lightning_noisy.state.fetch import RowFetcher, planned_batches
+from lightning_noisy.state.gather import all_gather_uneven, is_distributed
+from lightning_noisy.state.label_rules import UPDATE_RULES, UpdateRule, disagreement, most_disagreeing, update_labels
+from lightning_noisy.state.sharded import gather_rows, gather_scalars
+from lightning_noisy.state.storage import StateOptions, StorageDtype
 
 
 class LabelCorrectionCallback(SampleStateCallback):
@@ -45,7 +47,14 @@ class LabelCorrectionCallback(SampleStateCallback):
         prior_weight: alpha of the prior term ``L_p`` (paper: 1.2 for CIFAR-10); 0 disables it.
         entropy_weight: beta of the entropy term ``L_e`` (paper: 0.8 for CIFAR-10); 0 disables it.
         prior: the class prior ``p`` of ``L_p`` (``C`` values summing to 1); uniform when ``None``.
-        history_dtype: storage dtype of the ``K x N x C`` prediction history (``float16`` halves it).
+        shard_state: each DDP rank keeps only its block of about ``N / W`` label and history rows and
+            fetches the rows its batches need from their owners; ``None`` shards whenever the world size is
+            above 1. Sharded and replicated runs give bit-identical labels.
+        storage_dtype: dtype of the stored labels and ``K x N x C`` history: ``"float32"``, ``"bfloat16"``
+            or ``"float16"`` (half the memory; labels and averages then carry that dtype's rounding).
+        storage_topk: keep only the ``k`` largest entries of each label and history row, renormalised
+            (``None``: dense rows); must be below ``C``. Hard labels are stored exactly with any ``k``.
+        fetch_window: batches whose label rows a sharded state fetches in one collective.
         key: distinguishes two instances in one checkpoint.
     """
 
@@ -60,10 +69,13 @@ class LabelCorrectionCallback(SampleStateCallback):
         prior_weight: float = 0.0,
         entropy_weight: float = 0.0,
         prior: list[float] | None = None,
-        history_dtype: HistoryDtype = "float32",
+        shard_state: bool | None = None,
+        storage_dtype: StorageDtype = "float32",
+        storage_topk: int | None = None,
+        fetch_window: int = 16,
         key: str | None = None,
     ) -> None:
-        super().__init__(key=key)
+        super().__init__(key=key, state_options=StateOptions(shard_state, storage_dtype, storage_topk))
         if update not in UPDATE_RULES:
             raise ValueError(f"update must be one of {UPDATE_RULES}, got {update!r}")
         if int(num_average_epochs) < 1:
@@ -77,8 +89,8 @@ class LabelCorrectionCallback(SampleStateCallback):
         for name, weight in (("prior_weight", prior_weight), ("entropy_weight", entropy_weight)):
             if not float(weight) >= 0.0:
                 raise ValueError(f"{name} must be >= 0, got {weight}")
-        if history_dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"history_dtype must be 'float32', 'float16' or 'bfloat16', got {history_dtype!r}")
+        if isinstance(fetch_window, bool) or not isinstance(fetch_window, int) or fetch_window < 1:
+            raise ValueError(f"fetch_window must be an integer >= 1, got {fetch_window!r}")
         self.prior = None if prior is None else torch.as_tensor(prior, dtype=torch.float32)
         if self.prior is not None and (
             self.prior.ndim != 1 or bool((self.prior < 0).any()) or abs(float(self.prior.sum()) - 1.0) > 1e-4
@@ -92,24 +104,37 @@ class LabelCorrectionCallback(SampleStateCallback):
         self.frozen = bool(frozen)
         self.prior_weight = float(prior_weight)
         self.entropy_weight = float(entropy_weight)
-        self.history_dtype: torch.dtype = getattr(torch, history_dtype)
+        self.fetch_window = fetch_window
         self._labels: SampleBuffer | None = None
         self._history: SampleHistory | None = None
         self._recorder: SampleRecorder | None = None
+        self._fetcher: RowFetcher | None = None
         self._num_updates = 0
         self._current_epoch = 0
 
     # -- public API ------------------------------------------------------------------------------
-    @property
-    def labels(self) -> Tensor:
-        """``[N, C]`` float32 current label distributions (one-hot rows for hard rules)."""
+    def _require_labels(self) -> SampleBuffer:
         if self._labels is None:
             raise RuntimeError("the labels exist once training has started (on_train_start)")
-        return self._labels.values
+        return self._labels
+
+    @property
+    def labels(self) -> Tensor:
+        """``[N, C]`` float32 current label distributions (one-hot rows for hard rules).
+
+        With sharded state this gathers the whole table onto every rank: a collective, read it on every
+        rank during the fit. :meth:`local_labels` gives this rank's block without communication.
+        """
+        return gather_rows(self._require_labels(), self.collective_device)
+
+    def local_labels(self) -> tuple[Tensor, Tensor]:
+        """``(index [R], labels [R, C])``: the rows this rank holds (all ``N`` unless the state is sharded)."""
+        labels = self._require_labels()
+        return labels.index, labels.values
 
     @property
     def hard_labels(self) -> Tensor:
-        """``[N]`` int64 arg max of :attr:`labels`."""
+        """``[N]`` int64 arg max of :attr:`labels` (gathered on demand when sharded, like :attr:`labels`)."""
         return self.labels.argmax(1)
 
     @property
@@ -122,10 +147,18 @@ class LabelCorrectionCallback(SampleStateCallback):
         self.frozen = True
 
     def save_labels(self, path: str | Path) -> Path:
-        """Save the corrected labels for step 2 (load with ``noise_type="file"``; soft labels under ``soft_labels``)."""
+        """Save the corrected labels for step 2 (load with ``noise_type="file"``; soft labels under ``soft_labels``).
+
+        Gathers :attr:`labels` (a collective when sharded: call it on every rank).
+        """
         labels = self.training_labels
         assert labels is not None
         return save_corrected_labels(path, self.labels, clean_labels=labels.clean, source=type(self).__name__)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of the per-sample state this rank holds (labels and history)."""
+        return sum(buffer.nbytes for buffer in self.sample_buffers().values())
 
     # -- state -----------------------------------------------------------------------------------
     def _recording(self, epoch: int) -> bool:
@@ -139,9 +172,13 @@ class LabelCorrectionCallback(SampleStateCallback):
         n, c = labels.num_samples, labels.num_classes
         if self.prior is not None and self.prior.shape[0] != c:
             raise ValueError(f"prior must have num_classes={c} entries, got {self.prior.shape[0]}")
-        self._labels = SampleBuffer(n, (c,), torch.float32, fill=F.one_hot(labels.noisy, c).float())
-        self._history = SampleHistory(n, self.num_average_epochs, (c,), self.history_dtype)
+        options, layout = self.state_options, self.row_layout(trainer, n)
+        topk, noisy = options.topk_for(c), labels.noisy
+        self._labels = SampleBuffer(n, (c,), options.dtype, fill=lambda index: F.one_hot(noisy[index], c),
+                                    layout=layout, topk=topk)
+        self._history = SampleHistory(n, self.num_average_epochs, (c,), options.dtype, layout=layout, topk=topk)
         self._recorder = SampleRecorder((c,), torch.float32)
+        self._fetcher = RowFetcher(self._labels, self.fetch_window, trainer.strategy.root_device)
         if self.prior_weight > 0 or self.entropy_weight > 0:
             assert self.contract is not None
             self.contract.add_loss_term(self, "joint_optimization", self._loss_terms)
@@ -177,13 +214,15 @@ class LabelCorrectionCallback(SampleStateCallback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._current_epoch = trainer.current_epoch
+        if self._fetcher is not None:
+            self._fetcher.start_epoch(planned_batches(trainer.train_dataloader))
 
     @override
     def on_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:
         if self._num_updates == 0:
-            return  # the labels are still the given ones
-        assert self._labels is not None
-        rows = self._labels.values[context.index.cpu()]
+            return  # the labels are still the given ones (the same on every rank, so no rank fetches)
+        assert self._fetcher is not None
+        rows = self._fetcher.rows(context.index)
         self.contract.set_targets(rows if self.update == "soft" else rows.argmax(1))  # type: ignore[union-attr]
 
     @override
@@ -201,23 +240,68 @@ class LabelCorrectionCallback(SampleStateCallback):
         epoch = trainer.current_epoch
         assert self._labels is not None and self._history is not None and self._recorder is not None
         if self._recording(epoch):
-            index, probs, _ = self._recorder.gather(trainer.strategy.root_device, reduction="mean")
+            device = trainer.strategy.root_device
+            index, probs, _ = self._recorder.gather(device, reduction="mean", layout=self._labels.layout)
             self._history.append(index, probs)
+            del index, probs
             if self._updating(epoch):
-                seen = self._history.visits > 0
-                new = update_labels(self._labels.values[seen], self._history.mean()[seen], self.update, self.top_k)
-                self._labels.write(seen.nonzero().squeeze(1), new)
+                self._update_labels(device)
                 self._num_updates += 1
         self._log_epoch(trainer, pl_module)
 
+    def _update_labels(self, device: torch.device) -> None:
+        """New labels of the rows held from their K-epoch mean predictions, a block of rows at a time."""
+        assert self._labels is not None and self._history is not None
+        if self.update == "hard_topk":
+            self._update_top_k(device)
+            return
+        for index, mean in self._history.mean_chunks():
+            seen = self._history.visits[index - self._history.start] > 0
+            index, mean = index[seen], mean[seen]
+            self._labels.write(index, update_labels(self._labels.read(index), mean, self.update, self.top_k))
+
+    def _update_top_k(self, device: torch.device) -> None:
+        """``"hard_topk"``: the ``top_k`` most disagreeing labels of the whole table, chosen across blocks."""
+        assert self._labels is not None and self._history is not None
+        gaps, predicted, rows = [], [], []
+        for index, mean in self._history.mean_chunks():
+            seen = self._history.visits[index - self._history.start] > 0
+            gap, top_class = disagreement(self._labels.read(index[seen]), mean[seen])
+            gaps.append(gap), predicted.append(top_class), rows.append(index[seen])
+        gap, top_class, index = torch.cat(gaps), torch.cat(predicted), torch.cat(rows)
+        chosen = most_disagreeing(gap, index, self.top_k)  # this block's candidates, then the union's
+        if self._labels.layout.is_sharded and is_distributed():
+            candidates = torch.isin(index, chosen)
+            all_gaps = torch.cat(all_gather_uneven(gap[candidates].to(device))).cpu()
+            all_index = torch.cat(all_gather_uneven(index[candidates].to(device))).cpu()
+            chosen = most_disagreeing(all_gaps, all_index, self.top_k)
+        mine = torch.isin(index, chosen)
+        c = self._labels.value_shape[0]
+        self._labels.write(index[mine], F.one_hot(top_class[mine], c).float())
+
     def _log_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._labels is not None and self.training_labels is not None
-        hard = self.hard_labels
-        metrics = {
-            "noisy/changed_frac": (hard != self.training_labels.noisy).float().mean(),
-            "noisy/label_entropy": label_entropy(self._labels.values),
-        }
-        if self.training_labels.clean is not None:
-            metrics["noisy/recovery_acc"] = (hard == self.training_labels.clean).float().mean()
+        labels, given = self.training_labels, self._labels
+        sums = torch.zeros(3, dtype=torch.float64)  # changed, recovered, entropy (nats), over the rows held
+        confidence = []
+        for begin in range(0, given.layout.num_rows, 1 << 16):
+            index = torch.arange(begin, min(begin + (1 << 16), given.layout.num_rows)) + given.start
+            rows = given.read(index)
+            hard = rows.argmax(1)
+            sums[0] += int((hard != labels.noisy[index]).sum())
+            if labels.clean is not None:
+                sums[1] += int((hard == labels.clean[index]).sum())
+            sums[2] += float(-(rows * torch.log(rows.clamp_min(1e-12))).sum(1).double().sum())
+            confidence.append(rows.max(1).values)
+        sharded = given.layout.is_sharded and is_distributed()
+        if sharded:
+            sums = sums.to(trainer.strategy.root_device)
+            torch.distributed.all_reduce(sums)
+            sums = sums.cpu()
+        n = labels.num_samples
+        metrics = {"noisy/changed_frac": (sums[0] / n).float(), "noisy/label_entropy": (sums[2] / n).float()}
+        if labels.clean is not None:
+            metrics["noisy/recovery_acc"] = (sums[1] / n).float()
         self.log_epoch_metrics(pl_module, metrics)
-        log_histogram(trainer, "noisy/label_confidence", self._labels.values.max(1).values)
+        all_confidence = gather_scalars(torch.cat(confidence), sharded, trainer.strategy.root_device)
+        log_histogram(trainer, "noisy/label_confidence", all_confidence)

@@ -1,11 +1,23 @@
-"""Per-sample buffers indexed by dataset index, with visit counts and checkpointable state."""
+"""Per-sample buffers indexed by dataset index, with visit counts and checkpointable state.
+
+A buffer holds the rows of one :class:`~lightning_noisy.state.layout.RowLayout` block: all ``N`` rows
+(the default, and every rank of a replicated run) or the ``[start, stop)`` block a rank owns when the
+state is sharded. Indices are always dataset indices; a write outside the block is refused.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from lightning_noisy.state.layout import RowLayout
+from lightning_noisy.state.storage import RowStore
+
+#: rows decoded at once when a whole block is reduced (bounds the float32 working copy of top-k rows)
+CHUNK_ROWS = 1 << 16
 
 
 def _check_index(index: Tensor, num_samples: int) -> Tensor:
@@ -19,24 +31,87 @@ def _check_index(index: Tensor, num_samples: int) -> Tensor:
     return index
 
 
-def _check_state(state: dict[str, Any], num_samples: int, value_shape: tuple[int, ...], name: str) -> None:
-    got = (int(state.get("num_samples", -1)), tuple(state.get("value_shape", ())))
-    if got != (num_samples, value_shape):
-        raise ValueError(
-            f"cannot load {name} state with num_samples={got[0]} and value_shape={got[1]} into a buffer with "
-            f"num_samples={num_samples} and value_shape={value_shape}: the checkpoint is from another data set"
-        )
+def _layout(num_samples: int, layout: RowLayout | None) -> RowLayout:
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if layout is None:
+        return RowLayout(int(num_samples))
+    if layout.num_samples != int(num_samples):
+        raise ValueError(f"the layout is of {layout.num_samples} samples, the buffer of {num_samples}")
+    return layout
 
 
-class SampleBuffer:
-    """One value per training sample: ``values [N, *S]`` and ``visits [N]``.
+def _storage_of(store: RowStore) -> dict[str, Any]:
+    return {"storage_dtype": str(store.dtype).removeprefix("torch."), "storage_topk": store.topk}
+
+
+class _Rows:
+    """What buffers and histories share: the block of rows owned, index checks and checkpoint rows."""
+
+    num_samples: int
+    value_shape: tuple[int, ...]
+    layout: RowLayout
+    visits: Tensor
+
+    @property
+    def start(self) -> int:
+        """First dataset index of the rows held."""
+        return self.layout.start
+
+    @property
+    def index(self) -> Tensor:
+        """``[R]`` int64 dataset indices of the rows held (``arange(start, stop)``)."""
+        return torch.arange(self.layout.start, self.layout.stop)
+
+    def _local(self, index: Tensor) -> Tensor:
+        """Row numbers in the block of the dataset indices ``index``; refused outside the block."""
+        index = _check_index(index, self.num_samples)
+        if not self.layout.owns(index):
+            raise ValueError(
+                f"index values must be in this rank's rows [{self.layout.start}, {self.layout.stop}), got min "
+                f"{int(index.min())} and max {int(index.max())}: send records to their owner first"
+            )
+        return index - self.layout.start
+
+    def _check_rows(self, state: dict[str, Any], name: str, storage: dict[str, Any]) -> None:
+        got = (int(state.get("num_samples", -1)), tuple(state.get("value_shape", ())))
+        if got != (self.num_samples, self.value_shape):
+            raise ValueError(
+                f"cannot load {name} state with num_samples={got[0]} and value_shape={got[1]} into a buffer with "
+                f"num_samples={self.num_samples} and value_shape={self.value_shape}: the checkpoint is from another data set"
+            )
+        saved = {key: state.get(key, storage[key]) for key in storage}
+        if saved != storage:
+            raise ValueError(f"cannot load {name} state stored as {saved} into a buffer stored as {storage}")
+        start, stop = int(state.get("start", 0)), int(state.get("stop", self.num_samples))
+        if start > self.layout.start or stop < self.layout.stop:
+            raise ValueError(
+                f"the {name} state holds rows [{start}, {stop}), which do not cover this rank's rows "
+                f"[{self.layout.start}, {self.layout.stop})"
+            )
+
+    def _rows_of(self, state: dict[str, Any], tensor: Tensor, dim: int = 0) -> Tensor:
+        """This block's rows of a saved ``tensor`` whose rows start at ``state['start']``."""
+        begin = self.layout.start - int(state.get("start", 0))
+        return tensor.narrow(dim, begin, self.layout.num_rows)
+
+    def _header(self, store: RowStore) -> dict[str, Any]:
+        return {"num_samples": self.num_samples, "value_shape": self.value_shape, "start": self.layout.start,
+                "stop": self.layout.stop, **_storage_of(store)}
+
+
+class SampleBuffer(_Rows):
+    """One value per training sample: ``values [R, *S]`` and ``visits [R]`` for the rows held.
 
     Args:
         num_samples: ``N``, the size of the training set.
         value_shape: ``S``: ``()`` for a scalar per sample, ``(C,)`` for a class vector.
         dtype: storage dtype (choose ``float16``/``bfloat16`` to halve the memory of large ``N x C`` buffers).
-        fill: initial value of every sample, a scalar or a ``[N, *S]`` tensor.
+        fill: initial value of every sample: a scalar, a ``[R, *S]`` tensor of the rows held, or a function of
+            dataset indices ``[U]`` returning their ``[U, *S]`` values (evaluated a chunk of rows at a time).
         device: storage device; CPU by default so the buffer never competes with the model for GPU memory.
+        layout: the block of rows held; all ``N`` when ``None``.
+        topk: store ``[C]`` rows as their ``k`` largest entries, renormalised (see :mod:`~lightning_noisy.state.storage`).
     """
 
     def __init__(
@@ -44,21 +119,32 @@ class SampleBuffer:
         num_samples: int,
         value_shape: tuple[int, ...] = (),
         dtype: torch.dtype = torch.float32,
-        fill: float | Tensor = 0.0,
+        fill: float | Tensor | Callable[[Tensor], Tensor] = 0.0,
         device: torch.device | str = "cpu",
+        layout: RowLayout | None = None,
+        topk: int | None = None,
     ) -> None:
-        if int(num_samples) < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.layout = _layout(num_samples, layout)
         self.num_samples = int(num_samples)
         self.value_shape = tuple(int(d) for d in value_shape)
-        shape = (self.num_samples, *self.value_shape)
-        if isinstance(fill, Tensor):
-            if tuple(fill.shape) != shape:
-                raise ValueError(f"fill must be a scalar or a tensor of shape {shape}, got {tuple(fill.shape)}")
-            self.values = fill.detach().to(device=device, dtype=dtype).clone()
-        else:
-            self.values = torch.full(shape, float(fill), dtype=dtype, device=device)
-        self.visits = torch.zeros(self.num_samples, dtype=torch.long, device=device)
+        if callable(fill) and not isinstance(fill, Tensor):
+            start, fill_indices = self.layout.start, fill
+            fill = lambda rows: fill_indices(rows + start)  # noqa: E731  (row numbers -> dataset indices)
+        self.store = RowStore(self.layout.num_rows, self.value_shape, dtype, topk, fill, device)
+        self.visits = torch.zeros(self.layout.num_rows, dtype=torch.long, device=device)
+
+    @property
+    def values(self) -> Tensor:
+        """``[R, *S]`` the rows held (float32 for float storage; a decoded copy for top-k storage)."""
+        return self.store.data if self.store.topk is None else self.store.read()
+
+    def read(self, index: Tensor) -> Tensor:
+        """``[U, *S]`` values of the samples ``index [U]`` (in this block)."""
+        return self.store.read(self._local(index))
+
+    def read_parts(self, index: Tensor) -> dict[str, Tensor]:
+        """The stored form of the rows of ``index [U]`` (in this block), as a fetch sends them."""
+        return self.store.parts_of(self._local(index))
 
     def write(self, index: Tensor, values: Tensor, mode: Literal["replace", "add"] = "replace") -> None:
         """Write ``values [U, *S]`` for the unique samples ``index [U]`` and count one visit each.
@@ -67,47 +153,46 @@ class SampleBuffer:
         """
         if mode not in ("replace", "add"):
             raise ValueError(f"mode must be 'replace' or 'add', got {mode!r}")
-        index = _check_index(index, self.num_samples)
-        if tuple(values.shape) != (index.shape[0], *self.value_shape):
+        rows = self._local(index)
+        if tuple(values.shape) != (rows.shape[0], *self.value_shape):
             raise ValueError(
-                f"values must have shape {(index.shape[0], *self.value_shape)}, got {tuple(values.shape)}"
+                f"values must have shape {(rows.shape[0], *self.value_shape)}, got {tuple(values.shape)}"
             )
-        if index.unique().numel() != index.numel():
+        if rows.unique().numel() != rows.numel():
             raise ValueError("index must not repeat a sample; reduce duplicates first (see reduce_by_index)")
-        index = index.to(self.values.device)
-        values = values.to(device=self.values.device, dtype=self.values.dtype)
-        if mode == "replace":
-            self.values[index] = values
-        else:
-            self.values[index] += values
-        self.visits[index] += 1
+        self.store.write(rows, values, add=mode == "add")
+        self.visits[rows.to(self.visits.device)] += 1
 
     @property
     def visited(self) -> Tensor:
-        """``[N]`` bool: samples written at least once."""
+        """``[R]`` bool: samples written at least once."""
         return self.visits > 0
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored rows and visit counts."""
+        return self.store.nbytes + self.visits.numel() * self.visits.element_size()
+
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "num_samples": self.num_samples,
-            "value_shape": self.value_shape,
-            "values": self.values.clone(),
-            "visits": self.visits.clone(),
-        }
+        return {**self._header(self.store), **{k: v.clone() for k, v in self.store.parts().items()},
+                "visits": self.visits.clone()}
 
     def check_state_dict(self, state: dict[str, Any]) -> None:
-        """Raise ``ValueError`` if ``state`` is of another ``N`` or shape; changes nothing."""
-        _check_state(state, self.num_samples, self.value_shape, "SampleBuffer")
+        """Raise ``ValueError`` if ``state`` is of another ``N``, shape or storage, or misses rows held; changes nothing."""
+        self._check_rows(state, "SampleBuffer", _storage_of(self.store))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; a state of another ``N`` or shape is rejected with nothing changed."""
+        """Restore the rows held from a :meth:`state_dict` holding them (of any block layout).
+
+        A state of another ``N``, shape or storage is rejected with nothing changed.
+        """
         self.check_state_dict(state)
-        self.values.copy_(state["values"])
-        self.visits.copy_(state["visits"])
+        self.store.load_parts({k: self._rows_of(state, state[k]) for k in self.store.parts()})
+        self.visits.copy_(self._rows_of(state, state["visits"]))
 
 
-class SampleHistory:
-    """The last ``window`` values of every sample: a ring ``[window, N, *S]`` advanced per sample.
+class SampleHistory(_Rows):
+    """The last ``window`` values of every sample: a ring of ``window`` stores of ``[R, *S]``, advanced per sample.
 
     Each sample has its own write position (its visit count modulo ``window``), so a sample missed in an
     epoch (``drop_last``) keeps its older entries and its average stays over values it really had.
@@ -116,8 +201,10 @@ class SampleHistory:
         num_samples: ``N``.
         window: ``K``, how many past values are kept per sample.
         value_shape: ``S`` of one value.
-        dtype: storage dtype (the history is ``K x N x C`` values: ``float16`` halves it).
+        dtype: storage dtype (the history is ``K x N x C`` values: ``bfloat16`` halves it).
         device: storage device, CPU by default.
+        layout: the block of rows held; all ``N`` when ``None``.
+        topk: store each ``[C]`` entry as its ``k`` largest values, renormalised.
     """
 
     def __init__(
@@ -127,59 +214,78 @@ class SampleHistory:
         value_shape: tuple[int, ...] = (),
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        layout: RowLayout | None = None,
+        topk: int | None = None,
     ) -> None:
         if int(window) < 1:
             raise ValueError(f"window must be >= 1, got {window}")
-        if int(num_samples) < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.layout = _layout(num_samples, layout)
         self.num_samples = int(num_samples)
         self.window = int(window)
         self.value_shape = tuple(int(d) for d in value_shape)
-        self.entries = torch.zeros((self.window, self.num_samples, *self.value_shape), dtype=dtype, device=device)
-        self.visits = torch.zeros(self.num_samples, dtype=torch.long, device=device)
+        rows = self.layout.num_rows
+        self.slots = [RowStore(rows, self.value_shape, dtype, topk, 0.0, device) for _ in range(self.window)]
+        self.visits = torch.zeros(rows, dtype=torch.long, device=device)
+
+    @property
+    def entries(self) -> Tensor:
+        """``[window, R, *S]`` the stored values, decoded (a copy)."""
+        return torch.stack([slot.read() for slot in self.slots])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored ring and visit counts."""
+        return sum(slot.nbytes for slot in self.slots) + self.visits.numel() * self.visits.element_size()
 
     def append(self, index: Tensor, values: Tensor) -> None:
         """Append ``values [U, *S]`` for the unique samples ``index [U]``; all-or-nothing."""
-        index = _check_index(index, self.num_samples)
-        if tuple(values.shape) != (index.shape[0], *self.value_shape):
+        rows = self._local(index)
+        if tuple(values.shape) != (rows.shape[0], *self.value_shape):
             raise ValueError(
-                f"values must have shape {(index.shape[0], *self.value_shape)}, got {tuple(values.shape)}"
+                f"values must have shape {(rows.shape[0], *self.value_shape)}, got {tuple(values.shape)}"
             )
-        if index.unique().numel() != index.numel():
+        if rows.unique().numel() != rows.numel():
             raise ValueError("index must not repeat a sample; reduce duplicates first (see reduce_by_index)")
-        index = index.to(self.entries.device)
-        slot = self.visits[index] % self.window
-        self.entries[slot, index] = values.to(device=self.entries.device, dtype=self.entries.dtype)
-        self.visits[index] += 1
+        rows = rows.to(self.visits.device)
+        slot_of_row = self.visits[rows] % self.window
+        for slot in slot_of_row.unique().tolist():  # at most `window` slots, never a loop over samples
+            chosen = slot_of_row == slot
+            self.slots[slot].write(rows[chosen], values[chosen.to(values.device)])
+        self.visits[rows] += 1
 
     def mean(self, index: Tensor | None = None) -> Tensor:
-        """Mean over the stored values of each sample (up to ``window``): ``[N, *S]`` (or ``[U, *S]``) in float32.
+        """Mean over the stored values of each sample (up to ``window``): ``[R, *S]`` (or ``[U, *S]``) in float32.
 
         A sample never visited gets zeros; check :attr:`visits` to tell.
         """
-        entries = self.entries if index is None else self.entries[:, _check_index(index, self.num_samples)]
-        visits = self.visits if index is None else self.visits[index]
+        rows = None if index is None else self._local(index)
+        visits = self.visits if rows is None else self.visits[rows]
         count = visits.clamp(max=self.window, min=1).to(torch.float32)
-        total = entries.to(torch.float32).sum(0)  # slots never written are zero
+        total = self.slots[0].read(rows).clone()  # a read of all rows may be the stored tensor itself
+        for slot in self.slots[1:]:  # slots never written are zero
+            total += slot.read(rows)
         return total / count.view(-1, *([1] * len(self.value_shape)))
 
+    def mean_chunks(self, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(index [U], mean [U, *S])`` over the rows held, ``chunk_rows`` at a time (bounded working memory)."""
+        for begin in range(0, self.layout.num_rows, chunk_rows):
+            index = torch.arange(begin, min(begin + chunk_rows, self.layout.num_rows)) + self.layout.start
+            yield index, self.mean(index)
+
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "num_samples": self.num_samples,
-            "value_shape": self.value_shape,
-            "window": self.window,
-            "entries": self.entries.clone(),
-            "visits": self.visits.clone(),
-        }
+        # rows first ([R, window, ...]) like every other row tensor of a state, so blocks concatenate on dim 0
+        parts = {name: torch.stack([slot.parts()[name] for slot in self.slots], 1) for name in self.slots[0].parts()}
+        return {**self._header(self.slots[0]), "window": self.window, **parts, "visits": self.visits.clone()}
 
     def check_state_dict(self, state: dict[str, Any]) -> None:
-        """Raise ``ValueError`` if ``state`` is of another ``N``, shape or window; changes nothing."""
-        _check_state(state, self.num_samples, self.value_shape, "SampleHistory")
+        """Raise ``ValueError`` if ``state`` is of another ``N``, shape, storage or window; changes nothing."""
+        self._check_rows(state, "SampleHistory", _storage_of(self.slots[0]))
         if int(state["window"]) != self.window:
             raise ValueError(f"cannot load a history with window={state['window']} into one with window={self.window}")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; another ``N``, shape or window is rejected with nothing changed."""
+        """Restore the rows held from a :meth:`state_dict` holding them; a mismatch changes nothing."""
         self.check_state_dict(state)
-        self.entries.copy_(state["entries"])
-        self.visits.copy_(state["visits"])
+        for position, slot in enumerate(self.slots):
+            slot.load_parts({name: self._rows_of(state, state[name])[:, position] for name in slot.parts()})
+        self.visits.copy_(self._rows_of(state, state["visits"]))

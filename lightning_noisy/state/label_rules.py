@@ -34,6 +34,32 @@ def hard_labels(predictions: Tensor) -> Tensor:
     return F.one_hot(predictions.argmax(1), predictions.shape[1]).to(torch.float32)
 
 
+def disagreement(labels: Tensor, predictions: Tensor) -> tuple[Tensor, Tensor]:
+    """``(gap [N], predicted [N])``: ``p_max - p_label`` where the prediction's arg max is not the label, else -1.
+
+    Row-wise, so blocks of rows give the same gaps as the whole table.
+    """
+    _check_pair(labels, predictions)
+    predictions = predictions.float()
+    current = labels.argmax(1)
+    top_p, top_class = predictions.max(1)
+    gap = top_p - predictions.gather(1, current[:, None]).squeeze(1)
+    return torch.where(top_class != current, gap, torch.full_like(gap, -1.0)), top_class
+
+
+def most_disagreeing(gap: Tensor, index: Tensor, k: int) -> Tensor:
+    """The at most ``k`` entries of ``index [M]`` with the largest ``gap [M] >= 0``; ties go to the lower index.
+
+    Taking the ``k`` most disagreeing of each block of rows and then of their union gives the same set
+    as of the whole table, which is how a sharded state selects them.
+    """
+    order = torch.argsort(index, stable=True)
+    gap, index = gap[order], index[order]
+    n_change = min(int(k), int((gap >= 0).sum()))
+    # stable sort on the negated gap: larger gaps first, lower index first among equal gaps
+    return index[torch.argsort(-gap, stable=True)[:n_change]]
+
+
 def top_k_hard_labels(labels: Tensor, predictions: Tensor, k: int) -> Tensor:
     """Change only the ``k`` hard labels that disagree most with the prediction ("hard-label k").
 
@@ -44,17 +70,10 @@ def top_k_hard_labels(labels: Tensor, predictions: Tensor, k: int) -> Tensor:
     Returns:
         ``[N, C]`` float32 labels.
     """
-    _check_pair(labels, predictions)
     if int(k) < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    predictions = predictions.float()
-    current = labels.argmax(1)
-    top_p, top_class = predictions.max(1)
-    gap = top_p - predictions.gather(1, current[:, None]).squeeze(1)
-    gap = torch.where(top_class != current, gap, torch.full_like(gap, -1.0))
-    n_change = min(int(k), int((gap >= 0).sum()))
-    # stable sort on the negated gap: larger gaps first, lower index first among equal gaps
-    chosen = torch.argsort(-gap, stable=True)[:n_change]
+    gap, top_class = disagreement(labels, predictions)
+    chosen = most_disagreeing(gap, torch.arange(gap.shape[0], device=gap.device), k)
     new = labels.to(torch.float32).clone()
     new[chosen] = F.one_hot(top_class[chosen], labels.shape[1]).to(torch.float32)
     return new

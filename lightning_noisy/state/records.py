@@ -7,7 +7,9 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from lightning_noisy.state.gather import all_gather_uneven
+from lightning_noisy.state.exchange import send_to_owners, traffic
+from lightning_noisy.state.gather import all_gather_uneven, is_distributed
+from lightning_noisy.state.layout import RowLayout
 
 Reduction = Literal["mean", "sum", "first", "last", "max", "min"]
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
@@ -100,16 +102,19 @@ class SampleRecorder:
         self._values.clear()
 
     def gather(
-        self, device: torch.device | str = "cpu", reduction: Reduction = "mean"
+        self, device: torch.device | str = "cpu", reduction: Reduction = "mean", layout: RowLayout | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Gather the records of every rank, reduce duplicates and clear. A collective: call on every rank.
 
         Args:
             device: device of the collective (the strategy's root device: CPU for gloo, CUDA for NCCL).
             reduction: rule for indices recorded more than once (see :func:`reduce_by_index`).
+            layout: with a sharded layout, each rank receives only the records of the rows it owns
+                (one all-to-all); otherwise every rank receives every record (all-gather).
 
         Returns:
-            ``(index [U], values [U, *S], counts [U])`` on the CPU, identical on every rank.
+            ``(index [U], values [U, *S], counts [U])`` on the CPU: identical on every rank, or with a
+            sharded layout this rank's rows of what a replicated gather returns, bit for bit.
         """
         _check_reduction(reduction)
         device = torch.device(device)
@@ -121,10 +126,15 @@ class SampleRecorder:
         else:
             index = torch.empty(0, dtype=torch.long, device=device)
             values = torch.empty((0, *self.value_shape), dtype=self.dtype, device=device)
+        if layout is not None and layout.is_sharded and is_distributed():
+            mine_index, mine_values = send_to_owners(index, values, layout, device)
+            del index, values
+            return reduce_by_index(mine_index, mine_values, reduction)
         all_index = _concatenate(all_gather_uneven(index)).cpu()
         del index
         all_values = _concatenate(all_gather_uneven(values)).cpu()
         del values
+        traffic.add(all_index, all_values)
         return reduce_by_index(all_index, all_values, reduction)
 
 

@@ -1,0 +1,185 @@
+"""Compact storage of per-sample rows: float32, bfloat16 or float16 values, dense or top-k sparse.
+
+A top-k row keeps the ``k`` largest entries of a distribution ``[C]`` and their class indices,
+renormalised to sum to 1; it is read back as a dense ``[C]`` row with zeros elsewhere. That is exact
+for one-hot rows and keeps ``2k`` numbers of ``C`` for soft labels and prediction histories.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor
+
+StorageDtype = Literal["float32", "bfloat16", "float16"]
+STORAGE_DTYPES: tuple[str, ...] = get_args(StorageDtype)
+_TINY = torch.finfo(torch.float32).tiny
+#: rows initialised at once from a fill function
+FILL_CHUNK_ROWS = 1 << 16
+
+
+@dataclass(frozen=True)
+class StateOptions:
+    """How a callback keeps its per-sample state: the same three arguments on every such callback.
+
+    Args:
+        shard_state: each DDP rank owns about ``N / W`` rows (``True``), or every rank holds all ``N``
+            (``False``); ``None`` shards whenever the world size is above 1. Both give bit-identical results.
+        storage_dtype: dtype of stored float rows: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        storage_topk: keep only the ``k`` largest entries of each distribution row (``None``: dense rows).
+    """
+
+    shard_state: bool | None = None
+    storage_dtype: StorageDtype = "float32"
+    storage_topk: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.shard_state is not None and not isinstance(self.shard_state, bool):
+            raise ValueError(f"shard_state must be True, False or None (shard when world size > 1), got {self.shard_state!r}")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {self.storage_dtype!r}")
+        topk = self.storage_topk
+        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+            raise ValueError(f"storage_topk must be None (dense rows) or an integer >= 1, got {topk!r}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.storage_dtype)
+
+    def sharded(self, world_size: int) -> bool:
+        """Whether the state is sharded on ``world_size`` ranks."""
+        return world_size > 1 if self.shard_state is None else self.shard_state and world_size > 1
+
+    def topk_for(self, num_classes: int) -> int | None:
+        """The top-k of rows of ``num_classes`` entries; ``storage_topk >= C`` is refused (it would store more)."""
+        if self.storage_topk is not None and self.storage_topk >= num_classes:
+            raise ValueError(
+                f"storage_topk must be smaller than the number of classes C={num_classes} "
+                f"(None keeps dense rows), got {self.storage_topk}"
+            )
+        return self.storage_topk
+
+
+def top_k_rows(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest entries of each row of ``values [R, C]``, renormalised: ``([R, k] float32, [R, k] int64)``."""
+    top, classes = values.float().topk(k, dim=1)
+    return top / top.sum(1, keepdim=True).clamp_min(_TINY), classes
+
+
+def dense_rows(top: Tensor, classes: Tensor, num_classes: int) -> Tensor:
+    """``[R, C]`` float32 rows with ``top [R, k]`` at ``classes [R, k]`` and zeros elsewhere."""
+    out = torch.zeros((top.shape[0], num_classes), dtype=torch.float32, device=top.device)
+    return out.scatter_(1, classes.to(torch.long), top.float())
+
+
+def _class_dtype(num_classes: int) -> torch.dtype:
+    return torch.int16 if num_classes <= torch.iinfo(torch.int16).max else torch.int32
+
+
+class RowStore:
+    """``R`` rows of shape ``S`` stored in ``dtype``; ``[R, C]`` distribution rows optionally as top-k.
+
+    Reads return float32 for float storage (the dtype itself otherwise, e.g. int64 predictions).
+
+    Args:
+        num_rows: ``R``.
+        value_shape: ``S`` of one row: ``()`` or ``(C,)``.
+        dtype: storage dtype.
+        topk: ``k`` for top-k rows (needs ``S = (C,)`` with ``k < C``); ``None`` stores dense rows.
+        fill: initial value: a scalar, a ``[R, *S]`` tensor, or a function of row numbers ``[U]`` returning
+            their ``[U, *S]`` values (called on chunks of rows, so no dense ``[R, C]`` copy is made).
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        value_shape: tuple[int, ...],
+        dtype: torch.dtype = torch.float32,
+        topk: int | None = None,
+        fill: float | Tensor | Callable[[Tensor], Tensor] = 0.0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.num_rows = int(num_rows)
+        self.value_shape = tuple(int(d) for d in value_shape)
+        self.dtype = dtype
+        self.topk = topk
+        shape = (self.num_rows, *self.value_shape)
+        if topk is not None:
+            if len(self.value_shape) != 1 or not 1 <= int(topk) < self.value_shape[0]:
+                raise ValueError(f"top-k storage needs rows [C] with 1 <= k < C, got k={topk} and rows {self.value_shape}")
+            self.top = torch.zeros((self.num_rows, int(topk)), dtype=dtype, device=device)
+            self.classes = torch.zeros((self.num_rows, int(topk)), dtype=_class_dtype(self.value_shape[0]), device=device)
+            if not callable(fill) and not isinstance(fill, Tensor) and float(fill) != 0.0:
+                raise ValueError(f"top-k rows start as zeros, a tensor or a function of the rows, got fill={fill!r}")
+        elif isinstance(fill, Tensor) or callable(fill):
+            self.data = torch.empty(shape, dtype=dtype, device=device)
+        else:
+            self.data = torch.full(shape, fill, dtype=dtype, device=device)
+        if isinstance(fill, Tensor):
+            if tuple(fill.shape) != shape:
+                raise ValueError(f"fill must be a scalar or a tensor of shape {shape}, got {tuple(fill.shape)}")
+            self.write(torch.arange(self.num_rows), fill.detach())
+        elif callable(fill):
+            for begin in range(0, self.num_rows, FILL_CHUNK_ROWS):
+                rows = torch.arange(begin, min(begin + FILL_CHUNK_ROWS, self.num_rows))
+                self.write(rows, fill(rows))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored rows."""
+        if self.topk is None:
+            return self.data.numel() * self.data.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.top, self.classes))
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device if self.topk is None else self.top.device
+
+    def read(self, rows: Tensor | None = None) -> Tensor:
+        """``[len(rows), *S]`` rows (all when ``None``), float32 for float storage."""
+        if self.topk is None:
+            out = self.data if rows is None else self.data[rows.to(self.device)]
+            return out.float() if out.is_floating_point() else out
+        top = self.top if rows is None else self.top[rows.to(self.device)]
+        classes = self.classes if rows is None else self.classes[rows.to(self.device)]
+        return dense_rows(top, classes, self.value_shape[0])
+
+    def write(self, rows: Tensor, values: Tensor, add: bool = False) -> None:
+        """Store ``values [len(rows), *S]`` at ``rows`` (distinct local row numbers), replacing or adding."""
+        rows = rows.to(self.device)
+        if self.topk is None:
+            values = values.to(device=self.device, dtype=self.dtype)
+            if add:
+                self.data.index_add_(0, rows, values)
+            else:
+                self.data[rows] = values
+            return
+        if add:
+            values = values.float() + self.read(rows)
+        top, classes = top_k_rows(values, self.topk)
+        self.top[rows] = top.to(device=self.device, dtype=self.dtype)
+        self.classes[rows] = classes.to(device=self.device, dtype=self.classes.dtype)
+
+    def parts_of(self, rows: Tensor) -> dict[str, Tensor]:
+        """The stored form of ``rows`` (what a fetch sends): dense rows, or top-k values and classes."""
+        rows = rows.to(self.device)
+        return {name: tensor[rows] for name, tensor in self.parts().items()}
+
+    def decode(self, parts: dict[str, Tensor]) -> Tensor:
+        """Rows from their stored form :meth:`parts_of`, as :meth:`read` returns them."""
+        if self.topk is None:
+            data = parts["data"]
+            return data.float() if data.is_floating_point() else data
+        return dense_rows(parts["top"], parts["classes"], self.value_shape[0])
+
+    def parts(self) -> dict[str, Tensor]:
+        """The stored tensors, by name (what a checkpoint holds)."""
+        return {"data": self.data} if self.topk is None else {"top": self.top, "classes": self.classes}
+
+    def load_parts(self, parts: dict[str, Any]) -> None:
+        """Copy :meth:`parts` of the same storage in; shapes are checked by the caller."""
+        for name, tensor in self.parts().items():
+            tensor.copy_(parts[name])
