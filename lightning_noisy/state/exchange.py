@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_noisy.state.gather import is_distributed
+from lightning_noisy.state.gather import from_row_bytes, is_distributed, row_bytes
 from lightning_noisy.state.layout import RowLayout
 
 
@@ -41,11 +41,15 @@ def _exchange_counts(counts: Tensor) -> Tensor:
 
 
 def _all_to_all(tensor: Tensor, send: list[int], receive: list[int]) -> Tensor:
-    """``tensor [sum(send), *S]`` split by ``send`` rows per rank; returns ``[sum(receive), *S]`` in rank order."""
-    out = tensor.new_empty((sum(receive), *tensor.shape[1:]))
-    dist.all_to_all_single(out, tensor.contiguous(), output_split_sizes=receive, input_split_sizes=send)
+    """``tensor [sum(send), *S]`` split by ``send`` rows per rank; returns ``[sum(receive), *S]`` in rank order.
+
+    Rows travel as their bytes, so any dtype moves (gloo has no int16, which top-k class indices use).
+    """
+    as_bytes = row_bytes(tensor)
+    out = as_bytes.new_empty((sum(receive), as_bytes.shape[1]))
+    dist.all_to_all_single(out, as_bytes, output_split_sizes=receive, input_split_sizes=send)
     traffic.add(out)
-    return out
+    return from_row_bytes(out, tensor.dtype, tuple(tensor.shape[1:]))
 
 
 def _route(index: Tensor, layout: RowLayout, device: torch.device) -> tuple[Tensor, list[int], list[int]]:

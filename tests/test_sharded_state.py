@@ -1,0 +1,228 @@
+"""Sharded per-sample state: layouts, compact storage, all-to-all movement, and sharded == replicated fits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from distributed import run_distributed
+from helpers import NUM_CLASSES, PlainClassifier, SpawnDDPStrategy, toy_dataset, trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightning_noisy.callbacks import LabelCorrectionCallback
+from lightning_noisy.data.sampler import EpochShuffleSampler
+from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder
+from lightning_noisy.state.exchange import fetch_rows, gather_to_rank_zero
+from lightning_noisy.state.fetch import RowFetcher
+from lightning_noisy.state.label_rules import disagreement, most_disagreeing, top_k_hard_labels
+from lightning_noisy.state.layout import RowLayout
+from lightning_noisy.state.sharded import gather_rows, state_on_rank_zero
+from lightning_noisy.state.storage import RowStore, StateOptions, dense_rows, top_k_rows
+
+# -- layout ------------------------------------------------------------------------------------------
+
+
+def test_layout_blocks_follow_tensor_split_and_owner_finds_them() -> None:
+    layouts = [RowLayout(10, 3, r) for r in range(3)]
+    assert [(lay.start, lay.stop) for lay in layouts] == [(0, 4), (4, 7), (7, 10)]
+    assert [lay.num_rows for lay in layouts] == [len(p) for p in torch.tensor_split(torch.arange(10), 3)]
+    assert layouts[0].offsets.tolist() == [0, 4, 7, 10]
+    assert layouts[1].owner(torch.tensor([0, 3, 4, 6, 7, 9])).tolist() == [0, 0, 1, 1, 2, 2]
+    assert RowLayout(2, 4, 3).num_rows == 0 and RowLayout(2, 4, 1).block(1) == (1, 2)  # more ranks than rows
+    assert not RowLayout(5).is_sharded and RowLayout(5, 2, 0).is_sharded
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_samples": 0}, "num_samples must be an integer >= 1, got 0"),
+        ({"num_samples": 4, "world_size": True}, "world_size must be an integer >= 1, got True"),
+        ({"num_samples": 4, "world_size": 2, "rank": 2}, r"rank must be an integer in \[0, 2\), got 2"),
+    ],
+)
+def test_layout_rejects_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RowLayout(**kwargs)
+
+
+# -- compact storage ---------------------------------------------------------------------------------
+
+
+def test_top_k_row_keeps_the_k_largest_renormalised_by_hand() -> None:
+    row = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    top, classes = top_k_rows(row, 2)
+    assert classes.tolist() == [[1, 3]]
+    torch.testing.assert_close(top, torch.tensor([[0.625, 0.375]]))  # 0.5 / 0.8 and 0.3 / 0.8
+    torch.testing.assert_close(dense_rows(top, classes, 4), torch.tensor([[0.0, 0.625, 0.0, 0.375]]))
+    store = RowStore(1, (4,), torch.float32, topk=2, fill=row)
+    torch.testing.assert_close(store.read(), torch.tensor([[0.0, 0.625, 0.0, 0.375]]))
+    assert store.classes.dtype == torch.int16 and store.nbytes == 2 * 4 + 2 * 2
+
+
+def test_top_k_storage_is_exact_for_one_hot_rows() -> None:
+    labels = torch.tensor([2, 0, 1, 2])
+    store = RowStore(4, (3,), torch.bfloat16, topk=1, fill=lambda rows: F.one_hot(labels[rows], 3))
+    assert torch.equal(store.read(), F.one_hot(labels, 3).float())
+
+
+@pytest.mark.parametrize(("dtype", "bits"), [(torch.bfloat16, 8), (torch.float16, 11), (torch.float32, 24)])
+def test_low_precision_rows_are_within_their_dtype_rounding(dtype: torch.dtype, bits: int) -> None:
+    values = torch.softmax(torch.randn(500, 7, generator=torch.Generator().manual_seed(0)) * 3, dim=1)
+    stored = RowStore(500, (7,), dtype, fill=values).read()
+    # round to nearest: at most half a unit in the last place, 2^-bits of the value; below the smallest normal
+    # number the spacing is fixed (float16's subnormals), half of it is smallest_normal * 2^-bits
+    bound = values.abs() * 2.0**-bits + torch.finfo(dtype).smallest_normal * 2.0**-bits
+    assert bool(((stored - values).abs() <= bound).all())
+    assert stored.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"storage_topk": 0}, "storage_topk must be None .* or an integer >= 1, got 0"),
+        ({"storage_topk": True}, "storage_topk must be None .* got True"),
+        ({"storage_topk": 2.5}, "storage_topk must be None .* got 2.5"),
+        ({"storage_dtype": "float64"}, r"storage_dtype must be one of \('float32', 'bfloat16', 'float16'\), got 'float64'"),
+        ({"shard_state": "yes"}, "shard_state must be True, False or None .* got 'yes'"),
+    ],
+)
+def test_state_options_reject_bad_values(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        StateOptions(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        LabelCorrectionCallback(**kwargs)
+
+
+def test_top_k_as_large_as_the_classes_is_refused_before_training_changes_anything() -> None:
+    callback = LabelCorrectionCallback(storage_topk=NUM_CLASSES)
+    model = PlainClassifier()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="storage_topk must be smaller than the number of classes C=3 .* got 3"):
+        trainer(callbacks=[callback]).fit(model, DataLoader(toy_dataset(n=8), batch_size=4))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert StateOptions().sharded(2) and not StateOptions().sharded(1) and not StateOptions(False).sharded(4)
+
+
+# -- blocks and resharding from a checkpoint state ------------------------------------------------
+
+
+def _table(n: int = 10, c: int = 3) -> torch.Tensor:
+    return torch.softmax(torch.randn(n, c, generator=torch.Generator().manual_seed(1)), dim=1)
+
+
+def test_a_block_refuses_other_rows_and_loads_its_rows_from_a_whole_table() -> None:
+    whole = SampleBuffer(10, (3,), fill=_table())
+    whole.write(torch.tensor([2, 5]), torch.zeros(2, 3))
+    block = SampleBuffer(10, (3,), layout=RowLayout(10, 3, 1), fill=0.5)  # rows [4, 7)
+    with pytest.raises(ValueError, match=r"must be in this rank's rows \[4, 7\), got min 3 and max 4"):
+        block.write(torch.tensor([3, 4]), torch.zeros(2, 3))
+    block.load_state_dict(whole.state_dict())
+    assert torch.equal(block.values, whole.values[4:7]) and block.visits.tolist() == [0, 1, 0]
+    assert torch.equal(block.read(torch.tensor([6, 4])), whole.values[[6, 4]])
+    # a block's own state covers only its rows: another block cannot load it, and nothing changes
+    other = SampleBuffer(10, (3,), layout=RowLayout(10, 3, 2), fill=0.25)
+    with pytest.raises(ValueError, match=r"holds rows \[4, 7\), which do not cover this rank's rows \[7, 10\)"):
+        other.load_state_dict(block.state_dict())
+    assert bool((other.values == 0.25).all())
+
+
+def test_history_block_loads_from_a_whole_ring_and_storage_must_match() -> None:
+    whole = SampleHistory(6, window=2, value_shape=(3,))
+    for epoch in range(3):
+        whole.append(torch.arange(6), _table(6) * (epoch + 1))
+    block = SampleHistory(6, window=2, value_shape=(3,), layout=RowLayout(6, 2, 1))
+    block.load_state_dict(whole.state_dict())
+    assert torch.equal(block.mean(), whole.mean()[3:]) and block.visits.tolist() == [3, 3, 3]
+    compact = SampleHistory(6, window=2, value_shape=(3,), dtype=torch.bfloat16, topk=2)
+    with pytest.raises(ValueError, match="stored as .*'bfloat16', 'storage_topk': 2.* into a buffer stored as .*'float32'"):
+        whole.load_state_dict(compact.state_dict())
+
+
+def test_block_top_k_selection_equals_the_whole_table() -> None:
+    generator = torch.Generator().manual_seed(4)
+    labels = F.one_hot(torch.randint(0, 4, (50,), generator=generator), 4).float()
+    predictions = torch.softmax(torch.randn(50, 4, generator=generator), 1)
+    predictions[10] = predictions[11] = torch.tensor([0.1, 0.2, 0.3, 0.4])  # a tie
+    labels[10] = labels[11] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    expected = top_k_hard_labels(labels, predictions, 7)
+    candidates = []
+    for block in torch.tensor_split(torch.arange(50), 3):
+        gap, _ = disagreement(labels[block], predictions[block])
+        chosen = most_disagreeing(gap, block, 7)
+        candidates.append((disagreement(labels[chosen], predictions[chosen])[0], chosen))
+    chosen = most_disagreeing(torch.cat([g for g, _ in candidates]), torch.cat([i for _, i in candidates]), 7)
+    changed = (expected != labels).any(1).nonzero().flatten()
+    assert sorted(chosen.tolist()) == changed.tolist() and len(changed) == 7
+
+
+def test_fetcher_of_a_replicated_buffer_reads_its_rows() -> None:
+    buffer = SampleBuffer(10, (3,), fill=_table())
+    fetcher = RowFetcher(buffer)
+    fetcher.start_epoch(None)
+    assert torch.equal(fetcher.rows(torch.tensor([7, 1])), _table()[[7, 1]])
+    with pytest.raises(ValueError, match="window must be an integer >= 1, got 0"):
+        RowFetcher(buffer, window=0)
+
+
+# -- all-to-all on 2 and 3 gloo processes --------------------------------------------------------------
+
+N, C = 23, 4
+
+
+def _epoch_records(world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch as DistributedSampler pads it: N rounded up to W's multiple by repeating the first indices."""
+    generator = torch.Generator().manual_seed(world_size)
+    order = torch.randperm(N, generator=generator)
+    padded = -(-N // world_size) * world_size
+    index = torch.cat([order, order[: padded - N]])
+    return index, torch.softmax(torch.randn(index.shape[0], C, generator=generator) * 2, 1)
+
+
+def _check_movements(rank: int, world_size: int) -> None:
+    index, values = _epoch_records(world_size)
+    layout = RowLayout(N, world_size, rank)
+    start, stop = layout.block(rank)
+    for reduction in ("mean", "first", "max"):
+        replicated, sharded = SampleRecorder((C,)), SampleRecorder((C,))
+        for recorder in (replicated, sharded):
+            mine_index, mine_values = index[rank::world_size], values[rank::world_size]
+            for begin in range(0, mine_index.shape[0], 3):  # batches of 3
+                recorder.add(mine_index[begin : begin + 3], mine_values[begin : begin + 3])
+        all_index, all_values, all_counts = replicated.gather(reduction=reduction)
+        got_index, got_values, got_counts = sharded.gather(reduction=reduction, layout=layout)
+        in_block = (all_index >= start) & (all_index < stop)
+        assert torch.equal(got_index, all_index[in_block]), f"rank {rank}: other rows than its block"
+        assert torch.equal(got_values, all_values[in_block]), f"rank {rank}: {reduction} differs from replicated"
+        assert torch.equal(got_counts, all_counts[in_block])
+    # row fetch: dense float32 and bfloat16 top-2 blocks answer arbitrary requests with their stored rows
+    table = torch.softmax(torch.randn(N, C, generator=torch.Generator().manual_seed(9)), 1)
+    for dtype, topk in ((torch.float32, None), (torch.bfloat16, 2)):
+        whole = SampleBuffer(N, (C,), dtype, fill=table, topk=topk)
+        block = SampleBuffer(N, (C,), dtype, fill=lambda i: table[i], layout=layout, topk=topk)
+        wanted = torch.randint(0, N, (7 + rank,), generator=torch.Generator().manual_seed(rank))
+        parts = fetch_rows(wanted, layout, block.read_parts)
+        assert torch.equal(block.store.decode(parts), whole.read(wanted))
+        assert torch.equal(gather_rows(block), whole.values)
+        state = state_on_rank_zero(block)
+        if rank == 0:
+            assert (state["start"], state["stop"]) == (0, N)
+            for key, value in whole.state_dict().items():
+                assert torch.equal(state[key], value) if isinstance(value, torch.Tensor) else state[key] == value, key
+        else:
+            assert (state["start"], state["stop"]) == (start, stop)
+    # W - 1 rows on W ranks: the last rank's block is empty and sends nothing
+    few = RowLayout(world_size - 1, world_size, rank)
+    mine = torch.arange(few.start, few.stop, dtype=torch.int16)[:, None].repeat(1, 2)
+    gathered = gather_to_rank_zero(mine, few)
+    assert torch.equal(gathered, torch.arange(world_size - 1, dtype=torch.int16)[:, None].repeat(1, 2)) if rank == 0 else gathered is None
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_records_rows_and_checkpoint_blocks_move_exactly(world_size: int) -> None:
+    run_distributed(_check_movements, world_size=world_size)
