@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,9 @@ import torch.nn.functional as F
 from distributed import run_distributed
 from helpers import NUM_CLASSES, PlainClassifier, SpawnDDPStrategy, toy_dataset, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from lightning_noisy.callbacks import LabelCorrectionCallback
-from lightning_noisy.data.sampler import EpochShuffleSampler
 from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder
 from lightning_noisy.state.exchange import fetch_rows, gather_to_rank_zero
 from lightning_noisy.state.fetch import RowFetcher
@@ -226,3 +226,107 @@ def _check_movements(rank: int, world_size: int) -> None:
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_records_rows_and_checkpoint_blocks_move_exactly(world_size: int) -> None:
     run_distributed(_check_movements, world_size=world_size)
+
+
+# -- Lightning DDP: sharded and replicated fits agree bit for bit ------------------------------------
+
+
+class RotatingSampler(Sampler[int]):
+    """A custom order, ``arange(n)`` rotated by ``5 * epoch`` (Lightning wraps it for DDP)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.epoch = n, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.arange(self.n).roll(5 * self.epoch).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class LabelsToFile(LabelCorrectionCallback):
+    """Writes the whole label table (gathered on every rank) when training starts and ends, from rank 0."""
+
+    def __init__(self, out: Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.out = str(out)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        restored = self.labels  # a collective when sharded
+        if trainer.is_global_zero:
+            torch.save(restored, self.out + ".start")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        labels, held = self.labels, self.local_labels()[0]
+        if trainer.is_global_zero:
+            torch.save({"labels": labels, "weights": pl_module.state_dict(), "updates": self.num_updates,
+                        "rows_held": held.shape[0]}, self.out)
+
+
+def _fit(out: Path, devices: int, shard_state: bool | None, max_epochs: int = 4, sampler: str = "distributed",
+         drop_last: bool = False, ckpt: Path | None = None, checkpoints: Path | None = None,
+         **options: Any) -> dict[str, Any]:
+    pl.seed_everything(3, verbose=False)
+    dataset = toy_dataset(n=29, noisy_every=4)
+    if sampler == "distributed":  # Lightning puts a DistributedSampler in: rows fetched a window ahead
+        loader = DataLoader(dataset, batch_size=4, shuffle=True, drop_last=drop_last)
+    else:  # a custom sampler, wrapped by Lightning: rows fetched batch by batch
+        loader = DataLoader(dataset, batch_size=4, sampler=RotatingSampler(29), drop_last=drop_last)
+    options = {"update": "soft", "num_average_epochs": 2, "start_epoch": 1, "prior_weight": 0.5,
+               "entropy_weight": 0.2, "fetch_window": 2, **options}
+    callbacks: list[pl.Callback] = [LabelsToFile(out, shard_state=shard_state, **options)]
+    if checkpoints is not None:
+        callbacks.append(ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0))
+    strategy = SpawnDDPStrategy() if devices > 1 else "auto"
+    trainer(devices=devices, strategy=strategy, max_epochs=max_epochs, callbacks=callbacks,
+            enable_checkpointing=checkpoints is not None).fit(
+        PlainClassifier(lr=0.5), loader, ckpt_path=None if ckpt is None else str(ckpt)
+    )
+    return torch.load(out)
+
+
+def _assert_same_run(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert torch.equal(a["labels"], b["labels"]), "labels differ"
+    assert a["updates"] == b["updates"] > 0
+    for name, value in a["weights"].items():
+        assert torch.equal(value, b["weights"][name]), name
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize(
+    ("devices", "case"),
+    [
+        (2, {}),  # window fetch; 29 rows in blocks of 15 and 14
+        (2, {"sampler": "custom", "drop_last": True, "update": "hard", "storage_dtype": "bfloat16", "storage_topk": 2}),
+        (3, {"drop_last": True, "update": "hard_topk", "top_k": 3}),  # blocks of 10, 10 and 9
+    ],
+    ids=["2-ranks-soft", "2-ranks-custom-sampler-drop-last-bf16-top2-hard", "3-ranks-drop-last-hard-topk"],
+)
+def test_sharded_fit_equals_replicated_fit(tmp_path: Path, devices: int, case: dict[str, Any]) -> None:
+    sharded = _fit(tmp_path / "sharded.pt", devices, None, **case)
+    replicated = _fit(tmp_path / "replicated.pt", devices, False, **case)
+    assert sharded["rows_held"] == -(-29 // devices) and replicated["rows_held"] == 29  # rank 0's rows
+    _assert_same_run(sharded, replicated)
+    assert not torch.equal(sharded["labels"], F.one_hot(toy_dataset(n=29, noisy_every=4).noisy_labels, 3).float())
+
+
+@pytest.mark.ddp
+def test_sharded_checkpoints_resume_exactly_and_on_another_world_size(tmp_path: Path) -> None:
+    # two ranks, sharded: 2 epochs with a checkpoint, then resumed on 2 ranks to 4 epochs = 4 epochs at once
+    first = _fit(tmp_path / "first.pt", 2, None, max_epochs=2, checkpoints=tmp_path / "two")
+    state = torch.load(tmp_path / "two" / "last.ckpt", weights_only=False)["callbacks"]
+    saved = next(v for k, v in state.items() if k.startswith("LabelsToFile"))["buffers"]["labels"]
+    assert (saved["start"], saved["stop"]) == (0, 29) and torch.equal(saved["data"], first["labels"])  # whole table
+    resumed = _fit(tmp_path / "resumed.pt", 2, None, ckpt=tmp_path / "two" / "last.ckpt")
+    assert torch.equal(torch.load(str(tmp_path / "resumed.pt") + ".start"), first["labels"])
+    _assert_same_run(resumed, _fit(tmp_path / "full.pt", 2, None))
+    # saved by 2 sharded ranks, restored by 1 process; saved by 1 process, restored by 2 sharded ranks
+    _fit(tmp_path / "one.pt", 1, None, max_epochs=3, ckpt=tmp_path / "two" / "last.ckpt")
+    assert torch.equal(torch.load(str(tmp_path / "one.pt") + ".start"), first["labels"])
+    single = _fit(tmp_path / "single.pt", 1, None, max_epochs=2, checkpoints=tmp_path / "single")
+    _fit(tmp_path / "onto-two.pt", 2, None, max_epochs=3, ckpt=tmp_path / "single" / "last.ckpt")
+    assert torch.equal(torch.load(str(tmp_path / "onto-two.pt") + ".start"), single["labels"])
