@@ -76,6 +76,14 @@ def test_hard_labels_follow_the_average_argmax_and_frozen_labels_do_not_move() -
     assert torch.equal(frozen.hard_labels, torch.arange(N) % NUM_CLASSES) and frozen.num_updates == 0
 
 
+def test_running_history_averages_the_paper_window_first_then_moves_by_one_over_k() -> None:
+    callback = LabelCorrectionCallback(update="soft", num_average_epochs=2, start_epoch=2, history="running")
+    trainer(max_epochs=4, callbacks=[callback]).fit(ScriptedClassifier(), DataLoader(scripted_data(), batch_size=5))
+    first = (TABLE[1] + TABLE[2]) / 2  # recorded from epoch start - K + 1 = 1: the exact K-epoch mean at epoch 2
+    torch.testing.assert_close(callback.labels, first + (TABLE[3] - first) / 2)
+    assert callback.num_updates == 2 and callback.state_bytes == N * NUM_CLASSES * 4 * 2 + N * 8 * 2
+
+
 def test_no_update_before_start_or_after_stop_epoch() -> None:
     callback = LabelCorrectionCallback(update="soft", num_average_epochs=1, start_epoch=1, stop_epoch=2)
     trainer(max_epochs=4, callbacks=[callback]).fit(ScriptedClassifier(), DataLoader(scripted_data(), batch_size=5))
@@ -159,6 +167,8 @@ def test_checkpoint_of_another_data_set_is_rejected(tmp_path: Path) -> None:
         ({"entropy_weight": -1.0}, "entropy_weight must be >= 0, got -1.0"),
         ({"update": "median"}, "update must be one of .* got 'median'"),
         ({"top_k": 0}, "top_k must be >= 1, got 0"),
+        ({"history": "window"}, "history must be 'ring' or 'running', got 'window'"),
+        ({"fetch_window": 0}, "fetch_window must be an integer >= 1, got 0"),
         ({"prior": [0.5, 0.6]}, "prior must be a list of non-negative class probabilities summing to 1"),
     ],
 )

@@ -16,13 +16,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Sampler
 
 from lightning_noisy.callbacks import LabelCorrectionCallback
-from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder
+from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder, SampleRunningMean
+from lightning_noisy.state.records import reduce_parts
 from lightning_noisy.state.exchange import fetch_rows, gather_to_rank_zero
 from lightning_noisy.state.fetch import RowFetcher
 from lightning_noisy.state.label_rules import disagreement, most_disagreeing, top_k_hard_labels
 from lightning_noisy.state.layout import RowLayout
 from lightning_noisy.state.sharded import gather_rows, state_on_rank_zero
-from lightning_noisy.state.storage import RowStore, StateOptions, dense_rows, top_k_rows
+from lightning_noisy.state.storage import RowCodec, RowStore, StateOptions, dense_rows, top_k_rows
 
 # -- layout ------------------------------------------------------------------------------------------
 
@@ -61,7 +62,7 @@ def test_top_k_row_keeps_the_k_largest_renormalised_by_hand() -> None:
     torch.testing.assert_close(dense_rows(top, classes, 4), torch.tensor([[0.0, 0.625, 0.0, 0.375]]))
     store = RowStore(1, (4,), torch.float32, topk=2, fill=row)
     torch.testing.assert_close(store.read(), torch.tensor([[0.0, 0.625, 0.0, 0.375]]))
-    assert store.classes.dtype == torch.int16 and store.nbytes == 2 * 4 + 2 * 2
+    assert store.parts()["classes"].dtype == torch.int16 and store.nbytes == 2 * 4 + 2 * 2 == store.codec.row_bytes()
 
 
 def test_top_k_storage_is_exact_for_one_hot_rows() -> None:
@@ -106,6 +107,37 @@ def test_top_k_as_large_as_the_classes_is_refused_before_training_changes_anythi
         trainer(callbacks=[callback]).fit(model, DataLoader(toy_dataset(n=8), batch_size=4))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert StateOptions().sharded(2) and not StateOptions().sharded(1) and not StateOptions(False).sharded(4)
+
+
+def test_top_k_records_reduce_only_their_duplicates_by_hand() -> None:
+    codec = RowCodec((4,), torch.float32, topk=2)
+    recorder = SampleRecorder((4,), topk=2)
+    recorder.add(torch.tensor([5, 2]), torch.tensor([[0.1, 0.6, 0.2, 0.1], [0.7, 0.0, 0.2, 0.1]]))
+    recorder.add(torch.tensor([5]), torch.tensor([[0.0, 0.2, 0.0, 0.8]]))
+    index, parts, counts = recorder.gather_parts(reduction="mean")
+    assert index.tolist() == [2, 5] and counts.tolist() == [2 - 1, 2]
+    # sample 2 once: its top-2 (0.7, 0.2) renormalised, as recorded; sample 5 twice: the mean of its two
+    # top-2 records (0.6, 0.2)/0.8 and (0.8, 0.2)/1.0 is [0, 0.475, 0.125, 0.4], whose top-2 renormalised is
+    # 0.475 / 0.875 and 0.4 / 0.875
+    torch.testing.assert_close(codec.decode(parts), torch.tensor(
+        [[0.7 / 0.9, 0.0, 0.2 / 0.9, 0.0], [0.0, 0.475 / 0.875, 0.0, 0.4 / 0.875]]))
+    assert reduce_parts(torch.tensor([1]), codec.encode(torch.tensor([[0.5, 0.25, 0.25, 0.0]])), codec)[0].tolist() == [1]
+
+
+def test_running_mean_is_exact_for_the_first_window_then_moves_by_one_over_window() -> None:
+    running = SampleRunningMean(3, window=2, value_shape=(1,))
+    running.append(torch.tensor([0, 1]), torch.tensor([[1.0], [10.0]]))
+    running.append(torch.tensor([0]), torch.tensor([[3.0]]))
+    assert running.mean().squeeze(1).tolist() == [2.0, 10.0, 0.0]  # exact means of the first values
+    running.append(torch.tensor([0, 1]), torch.tensor([[6.0], [20.0]]))
+    assert running.mean().squeeze(1).tolist() == [2.0 + (6.0 - 2.0) / 2, 15.0, 0.0]
+    assert running.visits.tolist() == [3, 2, 0] and running.nbytes == 3 * 4 + 3 * 8
+    ring = SampleHistory(3, window=2, value_shape=(1,))
+    with pytest.raises(ValueError, match="cannot load a running mean .* into a ring"):
+        ring.load_state_dict(running.state_dict())
+    restored = SampleRunningMean(3, window=2, value_shape=(1,), layout=RowLayout(3, 2, 0))  # rows [0, 2)
+    restored.load_state_dict(running.state_dict())
+    assert restored.mean().squeeze(1).tolist() == [4.0, 15.0] and restored.visits.tolist() == [3, 2]
 
 
 # -- blocks and resharding from a checkpoint state ------------------------------------------------
@@ -188,7 +220,7 @@ def _check_movements(rank: int, world_size: int) -> None:
     layout = RowLayout(N, world_size, rank)
     start, stop = layout.block(rank)
     for reduction in ("mean", "first", "max"):
-        replicated, sharded = SampleRecorder((C,)), SampleRecorder((C,))
+        replicated, sharded = SampleRecorder((C,)), SampleRecorder((C,), round_bytes=5 * C * 4)  # 5 records a round
         for recorder in (replicated, sharded):
             mine_index, mine_values = index[rank::world_size], values[rank::world_size]
             for begin in range(0, mine_index.shape[0], 3):  # batches of 3
@@ -199,6 +231,15 @@ def _check_movements(rank: int, world_size: int) -> None:
         assert torch.equal(got_index, all_index[in_block]), f"rank {rank}: other rows than its block"
         assert torch.equal(got_values, all_values[in_block]), f"rank {rank}: {reduction} differs from replicated"
         assert torch.equal(got_counts, all_counts[in_block])
+    for codec in (RowCodec((C,), torch.bfloat16), RowCodec((C,), torch.float32, 2)):  # compact records, too
+        replicated, sharded = (SampleRecorder((C,), codec.dtype, codec.topk, round_bytes=b) for b in (1 << 20, 64))
+        for recorder in (replicated, sharded):
+            recorder.add(index[rank::world_size], values[rank::world_size])
+        all_index, all_parts, _ = replicated.gather_parts()
+        got_index, got_parts, _ = sharded.gather_parts(layout=layout)
+        in_block = (all_index >= start) & (all_index < stop)
+        assert torch.equal(got_index, all_index[in_block])
+        assert all(torch.equal(got_parts[k], all_parts[k][in_block]) for k in all_parts), f"{codec} differs"
     # row fetch: dense float32 and bfloat16 top-2 blocks answer arbitrary requests with their stored rows
     table = torch.softmax(torch.randn(N, C, generator=torch.Generator().manual_seed(9)), 1)
     for dtype, topk in ((torch.float32, None), (torch.bfloat16, 2)):
@@ -302,9 +343,9 @@ def _assert_same_run(a: dict[str, Any], b: dict[str, Any]) -> None:
     [
         (2, {}),  # window fetch; 29 rows in blocks of 15 and 14
         (2, {"sampler": "custom", "drop_last": True, "update": "hard", "storage_dtype": "bfloat16", "storage_topk": 2}),
-        (3, {"drop_last": True, "update": "hard_topk", "top_k": 3}),  # blocks of 10, 10 and 9
+        (3, {"drop_last": True, "update": "hard_topk", "top_k": 3, "history": "running"}),  # blocks of 10, 10, 9
     ],
-    ids=["2-ranks-soft", "2-ranks-custom-sampler-drop-last-bf16-top2-hard", "3-ranks-drop-last-hard-topk"],
+    ids=["2-ranks-soft", "2-ranks-custom-sampler-drop-last-bf16-top2-hard", "3-ranks-drop-last-hard-topk-running"],
 )
 def test_sharded_fit_equals_replicated_fit(tmp_path: Path, devices: int, case: dict[str, Any]) -> None:
     sharded = _fit(tmp_path / "sharded.pt", devices, None, **case)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -14,12 +14,14 @@ from typing_extensions import override
 from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels, log_histogram
 from lightning_noisy.data.noise import save_corrected_labels
 from lightning_noisy.losses.regularizers import entropy_loss, prior_loss
-from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder, StepContext
+from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder, SampleRunningMean, StepContext
 from lightning_noisy.state.fetch import RowFetcher, planned_batches
 from lightning_noisy.state.gather import all_gather_uneven, is_distributed
 from lightning_noisy.state.label_rules import UPDATE_RULES, UpdateRule, disagreement, most_disagreeing, update_labels
 from lightning_noisy.state.sharded import gather_rows, gather_scalars
 from lightning_noisy.state.storage import StateOptions, StorageDtype
+
+HistoryForm = Literal["ring", "running"]
 
 
 class LabelCorrectionCallback(SampleStateCallback):
@@ -54,6 +56,11 @@ class LabelCorrectionCallback(SampleStateCallback):
             or ``"float16"`` (half the memory; labels and averages then carry that dtype's rounding).
         storage_topk: keep only the ``k`` largest entries of each label and history row, renormalised
             (``None``: dense rows); must be below ``C``. Hard labels are stored exactly with any ``k``.
+        history: how the last ``K`` predictions are kept: ``"ring"``, all ``K`` of them (the paper's exact
+            ``K``-epoch average, ``K x N x C`` values), or ``"running"``, one running mean (``N x C``): the
+            predictions are recorded from epoch ``start_epoch - K + 1``, so the first update averages
+            exactly the paper's ``K`` epochs; each later epoch moves the mean by ``1 / K`` of its
+            difference (an exponential moving average) instead of dropping the oldest epoch.
         fetch_window: batches whose label rows a sharded state fetches in one collective.
         key: distinguishes two instances in one checkpoint.
     """
@@ -72,6 +79,7 @@ class LabelCorrectionCallback(SampleStateCallback):
         shard_state: bool | None = None,
         storage_dtype: StorageDtype = "float32",
         storage_topk: int | None = None,
+        history: HistoryForm = "ring",
         fetch_window: int = 16,
         key: str | None = None,
     ) -> None:
@@ -89,6 +97,8 @@ class LabelCorrectionCallback(SampleStateCallback):
         for name, weight in (("prior_weight", prior_weight), ("entropy_weight", entropy_weight)):
             if not float(weight) >= 0.0:
                 raise ValueError(f"{name} must be >= 0, got {weight}")
+        if history not in ("ring", "running"):
+            raise ValueError(f"history must be 'ring' or 'running', got {history!r}")
         if isinstance(fetch_window, bool) or not isinstance(fetch_window, int) or fetch_window < 1:
             raise ValueError(f"fetch_window must be an integer >= 1, got {fetch_window!r}")
         self.prior = None if prior is None else torch.as_tensor(prior, dtype=torch.float32)
@@ -105,8 +115,9 @@ class LabelCorrectionCallback(SampleStateCallback):
         self.prior_weight = float(prior_weight)
         self.entropy_weight = float(entropy_weight)
         self.fetch_window = fetch_window
+        self.history = history
         self._labels: SampleBuffer | None = None
-        self._history: SampleHistory | None = None
+        self._history: SampleHistory | SampleRunningMean | None = None
         self._recorder: SampleRecorder | None = None
         self._fetcher: RowFetcher | None = None
         self._num_updates = 0
@@ -162,6 +173,8 @@ class LabelCorrectionCallback(SampleStateCallback):
 
     # -- state -----------------------------------------------------------------------------------
     def _recording(self, epoch: int) -> bool:
+        if self.history == "running" and epoch < self.start_epoch - self.num_average_epochs + 1:
+            return False  # the running mean starts K epochs before the first update
         return not self.frozen and (self.stop_epoch is None or epoch < self.stop_epoch)
 
     def _updating(self, epoch: int) -> bool:
@@ -176,15 +189,16 @@ class LabelCorrectionCallback(SampleStateCallback):
         topk, noisy = options.topk_for(c), labels.noisy
         self._labels = SampleBuffer(n, (c,), options.dtype, fill=lambda index: F.one_hot(noisy[index], c),
                                     layout=layout, topk=topk)
-        self._history = SampleHistory(n, self.num_average_epochs, (c,), options.dtype, layout=layout, topk=topk)
-        self._recorder = SampleRecorder((c,), torch.float32)
+        history = SampleHistory if self.history == "ring" else SampleRunningMean
+        self._history = history(n, self.num_average_epochs, (c,), options.dtype, layout=layout, topk=topk)
+        self._recorder = SampleRecorder((c,), options.dtype, topk)  # records in the stored form
         self._fetcher = RowFetcher(self._labels, self.fetch_window, trainer.strategy.root_device)
         if self.prior_weight > 0 or self.entropy_weight > 0:
             assert self.contract is not None
             self.contract.add_loss_term(self, "joint_optimization", self._loss_terms)
 
     @override
-    def sample_buffers(self) -> dict[str, SampleBuffer | SampleHistory]:
+    def sample_buffers(self) -> dict[str, SampleBuffer | SampleHistory | SampleRunningMean]:
         if self._labels is None or self._history is None:
             return {}
         return {"labels": self._labels, "history": self._history}
@@ -241,8 +255,8 @@ class LabelCorrectionCallback(SampleStateCallback):
         assert self._labels is not None and self._history is not None and self._recorder is not None
         if self._recording(epoch):
             device = trainer.strategy.root_device
-            index, probs, _ = self._recorder.gather(device, reduction="mean", layout=self._labels.layout)
-            self._history.append(index, probs)
+            index, probs, _ = self._recorder.gather_parts(device, reduction="mean", layout=self._labels.layout)
+            self._history.append_parts(index, probs)
             del index, probs
             if self._updating(epoch):
                 self._update_labels(device)
@@ -255,19 +269,19 @@ class LabelCorrectionCallback(SampleStateCallback):
         if self.update == "hard_topk":
             self._update_top_k(device)
             return
-        for index, mean in self._history.mean_chunks():
-            seen = self._history.visits[index - self._history.start] > 0
-            index, mean = index[seen], mean[seen]
+        for index in self._history.chunks():
+            index = index[self._history.visits[index - self._history.start] > 0]
+            mean = self._history.mean(index)
             self._labels.write(index, update_labels(self._labels.read(index), mean, self.update, self.top_k))
 
     def _update_top_k(self, device: torch.device) -> None:
         """``"hard_topk"``: the ``top_k`` most disagreeing labels of the whole table, chosen across blocks."""
         assert self._labels is not None and self._history is not None
         gaps, predicted, rows = [], [], []
-        for index, mean in self._history.mean_chunks():
-            seen = self._history.visits[index - self._history.start] > 0
-            gap, top_class = disagreement(self._labels.read(index[seen]), mean[seen])
-            gaps.append(gap), predicted.append(top_class), rows.append(index[seen])
+        for index in self._history.chunks():
+            index = index[self._history.visits[index - self._history.start] > 0]
+            gap, top_class = disagreement(self._labels.read(index), self._history.mean(index))
+            gaps.append(gap), predicted.append(top_class), rows.append(index)
         gap, top_class, index = torch.cat(gaps), torch.cat(predicted), torch.cat(rows)
         chosen = most_disagreeing(gap, index, self.top_k)  # this block's candidates, then the union's
         if self._labels.layout.is_sharded and is_distributed():

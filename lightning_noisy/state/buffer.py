@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_noisy.state.layout import RowLayout
-from lightning_noisy.state.storage import RowStore
+from lightning_noisy.state.storage import RowParts, RowStore
 
 #: rows decoded at once when a whole block is reduced (bounds the float32 working copy of top-k rows)
 CHUNK_ROWS = 1 << 16
@@ -62,6 +62,11 @@ class _Rows:
     def index(self) -> Tensor:
         """``[R]`` int64 dataset indices of the rows held (``arange(start, stop)``)."""
         return torch.arange(self.layout.start, self.layout.stop)
+
+    def chunks(self, chunk_rows: int = CHUNK_ROWS) -> Iterator[Tensor]:
+        """``[U]`` dataset indices of the rows held, ``chunk_rows`` at a time (to bound working copies)."""
+        for begin in range(0, self.layout.num_rows, chunk_rows):
+            yield torch.arange(begin, min(begin + chunk_rows, self.layout.num_rows)) + self.layout.start
 
     def _local(self, index: Tensor) -> Tensor:
         """Row numbers in the block of the dataset indices ``index``; refused outside the block."""
@@ -239,18 +244,27 @@ class SampleHistory(_Rows):
 
     def append(self, index: Tensor, values: Tensor) -> None:
         """Append ``values [U, *S]`` for the unique samples ``index [U]``; all-or-nothing."""
+        rows = self._check_append(index, values.shape)
+        self._append_parts(rows, self.slots[0].codec.encode(values))
+
+    def append_parts(self, index: Tensor, parts: RowParts) -> None:
+        """:meth:`append` of values already in this history's stored form (``RowCodec.encode``), written as is."""
+        rows = self._check_append(index, (next(iter(parts.values())).shape[0], *self.value_shape))
+        self._append_parts(rows, parts)
+
+    def _check_append(self, index: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
         rows = self._local(index)
-        if tuple(values.shape) != (rows.shape[0], *self.value_shape):
-            raise ValueError(
-                f"values must have shape {(rows.shape[0], *self.value_shape)}, got {tuple(values.shape)}"
-            )
+        if tuple(shape) != (rows.shape[0], *self.value_shape):
+            raise ValueError(f"values must have shape {(rows.shape[0], *self.value_shape)}, got {tuple(shape)}")
         if rows.unique().numel() != rows.numel():
             raise ValueError("index must not repeat a sample; reduce duplicates first (see reduce_by_index)")
-        rows = rows.to(self.visits.device)
+        return rows.to(self.visits.device)
+
+    def _append_parts(self, rows: Tensor, parts: RowParts) -> None:
         slot_of_row = self.visits[rows] % self.window
         for slot in slot_of_row.unique().tolist():  # at most `window` slots, never a loop over samples
             chosen = slot_of_row == slot
-            self.slots[slot].write(rows[chosen], values[chosen.to(values.device)])
+            self.slots[slot].write_parts(rows[chosen], {name: part[chosen.to(part.device)] for name, part in parts.items()})
         self.visits[rows] += 1
 
     def mean(self, index: Tensor | None = None) -> Tensor:
@@ -266,12 +280,6 @@ class SampleHistory(_Rows):
             total += slot.read(rows)
         return total / count.view(-1, *([1] * len(self.value_shape)))
 
-    def mean_chunks(self, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[Tensor, Tensor]]:
-        """``(index [U], mean [U, *S])`` over the rows held, ``chunk_rows`` at a time (bounded working memory)."""
-        for begin in range(0, self.layout.num_rows, chunk_rows):
-            index = torch.arange(begin, min(begin + chunk_rows, self.layout.num_rows)) + self.layout.start
-            yield index, self.mean(index)
-
     def state_dict(self) -> dict[str, Any]:
         # rows first ([R, window, ...]) like every other row tensor of a state, so blocks concatenate on dim 0
         parts = {name: torch.stack([slot.parts()[name] for slot in self.slots], 1) for name in self.slots[0].parts()}
@@ -279,6 +287,8 @@ class SampleHistory(_Rows):
 
     def check_state_dict(self, state: dict[str, Any]) -> None:
         """Raise ``ValueError`` if ``state`` is of another ``N``, shape, storage or window; changes nothing."""
+        if state.get("running", False):
+            raise ValueError("cannot load a running mean (history='running') into a ring of the last values (history='ring')")
         self._check_rows(state, "SampleHistory", _storage_of(self.slots[0]))
         if int(state["window"]) != self.window:
             raise ValueError(f"cannot load a history with window={state['window']} into one with window={self.window}")
@@ -288,4 +298,90 @@ class SampleHistory(_Rows):
         self.check_state_dict(state)
         for position, slot in enumerate(self.slots):
             slot.load_parts({name: self._rows_of(state, state[name])[:, position] for name in slot.parts()})
+        self.visits.copy_(self._rows_of(state, state["visits"]))
+
+
+class SampleRunningMean(_Rows):
+    """The mean of each sample's last ``window`` values in running form: one store of ``[R, *S]``, not ``window``.
+
+    A sample's first ``window`` values are averaged exactly (the mean moves by ``(v - mean) / visits``);
+    each later value moves it by ``(v - mean) / window``, an exponential moving average of weight
+    ``1 / window`` instead of the ring's window of exactly the last ``window`` values. With storage in
+    ``bfloat16`` each update is rounded once, an error below ``window * 2^-9`` of the value in steady state.
+
+    Args:
+        num_samples: ``N``.
+        window: ``K``.
+        value_shape: ``S`` of one value.
+        dtype: storage dtype.
+        device: storage device, CPU by default.
+        layout: the block of rows held; all ``N`` when ``None``.
+        topk: store the running mean of ``[C]`` rows as its ``k`` largest entries, renormalised.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        window: int,
+        value_shape: tuple[int, ...] = (),
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        layout: RowLayout | None = None,
+        topk: int | None = None,
+    ) -> None:
+        if int(window) < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.layout = _layout(num_samples, layout)
+        self.num_samples = int(num_samples)
+        self.window = int(window)
+        self.value_shape = tuple(int(d) for d in value_shape)
+        self.store = RowStore(self.layout.num_rows, self.value_shape, dtype, topk, 0.0, device)
+        self.visits = torch.zeros(self.layout.num_rows, dtype=torch.long, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored means and visit counts."""
+        return self.store.nbytes + self.visits.numel() * self.visits.element_size()
+
+    def append(self, index: Tensor, values: Tensor) -> None:
+        """Move the means of the unique samples ``index [U]`` towards ``values [U, *S]``; all-or-nothing."""
+        rows = self._local(index)
+        if tuple(values.shape) != (rows.shape[0], *self.value_shape):
+            raise ValueError(f"values must have shape {(rows.shape[0], *self.value_shape)}, got {tuple(values.shape)}")
+        if rows.unique().numel() != rows.numel():
+            raise ValueError("index must not repeat a sample; reduce duplicates first (see reduce_by_index)")
+        for begin in range(0, rows.shape[0], CHUNK_ROWS):  # bounded float32 working copies
+            chunk = rows[begin : begin + CHUNK_ROWS].to(self.visits.device)
+            weight = (self.visits[chunk] + 1).clamp(max=self.window).to(torch.float32)
+            mean = self.store.read(chunk)
+            step = (values[begin : begin + CHUNK_ROWS].to(mean.device, torch.float32) - mean)
+            self.store.write(chunk, mean + step / weight.view(-1, *([1] * len(self.value_shape))))
+            self.visits[chunk] += 1
+
+    def append_parts(self, index: Tensor, parts: RowParts) -> None:
+        """:meth:`append` of values in this store's stored form (decoded here, a chunk at a time)."""
+        for begin in range(0, index.shape[0], CHUNK_ROWS):
+            piece = {name: part[begin : begin + CHUNK_ROWS] for name, part in parts.items()}
+            self.append(index[begin : begin + CHUNK_ROWS], self.store.decode(piece))
+
+    def mean(self, index: Tensor | None = None) -> Tensor:
+        """``[R, *S]`` (or ``[U, *S]``) float32 running means; zeros for a sample never visited."""
+        return self.store.read(None if index is None else self._local(index))
+
+    def state_dict(self) -> dict[str, Any]:
+        parts = {name: tensor.clone() for name, tensor in self.store.parts().items()}
+        return {**self._header(self.store), "window": self.window, "running": True, **parts, "visits": self.visits.clone()}
+
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if ``state`` is of another ``N``, shape, storage, window or form; changes nothing."""
+        if not state.get("running", False):
+            raise ValueError("cannot load a ring of the last values (history='ring') into a running mean (history='running')")
+        self._check_rows(state, "SampleRunningMean", _storage_of(self.store))
+        if int(state["window"]) != self.window:
+            raise ValueError(f"cannot load a running mean with window={state['window']} into one with window={self.window}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the rows held from a :meth:`state_dict` holding them; a mismatch changes nothing."""
+        self.check_state_dict(state)
+        self.store.load_parts({k: self._rows_of(state, state[k]) for k in self.store.parts()})
         self.visits.copy_(self._rows_of(state, state["visits"]))

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from lightning_noisy.state.gather import from_row_bytes, is_distributed, row_bytes
 from lightning_noisy.state.layout import RowLayout
+from lightning_noisy.state.storage import RowParts
 
 
 class Traffic:
@@ -62,19 +63,20 @@ def _route(index: Tensor, layout: RowLayout, device: torch.device) -> tuple[Tens
 
 
 def send_to_owners(
-    index: Tensor, values: Tensor, layout: RowLayout, device: torch.device | str = "cpu"
-) -> tuple[Tensor, Tensor]:
-    """Send records ``(index [M], values [M, *S])`` to the ranks that own their rows. A collective.
+    index: Tensor, parts: RowParts, layout: RowLayout, device: torch.device | str = "cpu"
+) -> tuple[Tensor, RowParts, Tensor]:
+    """Send records ``(index [M], parts, each [M, ...])`` to the ranks that own their rows. A collective.
 
-    Returns the records this rank owns, ``([M'], [M', *S])``, ordered by source rank and, within a
-    source rank, in the order that rank recorded them: the order an all-gather would give, restricted
-    to this rank's rows, so duplicate records reduce exactly as in a replicated run.
+    Returns the records this rank owns, ``(index [M'], parts, source [M'])`` with the rank each came
+    from, ordered by source rank and, within one source, in the order it recorded them: the order an
+    all-gather would give, restricted to this rank's rows.
     """
     device = torch.device(device)
     order, send, receive = _route(index, layout, device)
-    received_index = _all_to_all(index[order].to(device), send, receive)
-    received_values = _all_to_all(values[order].to(device), send, receive)
-    return received_index.cpu(), received_values.cpu()
+    received_index = _all_to_all(index[order].to(device), send, receive).cpu()
+    received = {name: _all_to_all(part[order].to(device), send, receive).cpu() for name, part in parts.items()}
+    source = torch.repeat_interleave(torch.arange(layout.world_size), torch.tensor(receive, dtype=torch.long))
+    return received_index, received, source
 
 
 def fetch_rows(

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lightning_noisy.state.exchange import send_to_owners, traffic
 from lightning_noisy.state.gather import all_gather_uneven, is_distributed
 from lightning_noisy.state.layout import RowLayout
+from lightning_noisy.state.storage import RowCodec, RowParts
 
 Reduction = Literal["mean", "sum", "first", "last", "max", "min"]
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
@@ -65,23 +67,63 @@ def reduce_by_index(index: Tensor, values: Tensor, reduction: Reduction = "mean"
     return unique, total.to(values.dtype), counts
 
 
+def reduce_parts(
+    index: Tensor, parts: RowParts, codec: RowCodec, reduction: Reduction = "mean"
+) -> tuple[Tensor, RowParts, Tensor]:
+    """:func:`reduce_by_index` for records in stored form: ``(unique_index [U], parts, counts [U])``.
+
+    Dense parts reduce as values do. Top-k records of an index seen once are kept as they are; only the
+    records of repeated indices are decoded, reduced densely and encoded again.
+    """
+    if codec.topk is None:
+        unique, data, counts = reduce_by_index(index, parts["data"], reduction)
+        return unique, {"data": data}, counts
+    _check_reduction(reduction)
+    order = torch.argsort(index, stable=True)
+    index, parts = index[order], {name: part[order] for name, part in parts.items()}
+    unique, inverse, counts = torch.unique_consecutive(index, return_inverse=True, return_counts=True)
+    if unique.shape[0] == index.shape[0]:
+        return unique, parts, counts
+    repeated = counts[inverse] > 1
+    first = torch.cumsum(counts, 0) - counts
+    reduced_parts = {name: part[first] for name, part in parts.items()}
+    dense = codec.decode({name: part[repeated] for name, part in parts.items()})
+    _, reduced, _ = reduce_by_index(index[repeated], dense, reduction)
+    for name, part in codec.encode(reduced).items():
+        reduced_parts[name][counts > 1] = part
+    return unique, reduced_parts, counts
+
+
 class SampleRecorder:
     """Collects this rank's ``(index, value)`` records during an epoch; :meth:`gather` merges all ranks.
 
-    Recording is a detached append with no host sync; the gather is one collective per epoch.
+    Recording is a detached append with no host sync; the gather is one collective per epoch (with a
+    sharded layout, a few all-to-all rounds of at most ``round_bytes`` each, which bounds the copies).
+    Values are kept in the stored form of a :class:`~lightning_noisy.state.storage.RowCodec`: ``dtype``,
+    and for ``[C]`` rows optionally top-k, so records of ``C = 1000`` classes need not be dense.
 
     Args:
         value_shape: shape ``S`` of one record's value (``()`` for a scalar per sample, ``(C,)`` for a vector).
         dtype: dtype the values are stored and gathered in.
+        topk: keep the ``k`` largest entries of each ``[C]`` record, renormalised (``None``: dense).
+        round_bytes: most record bytes a rank sends in one all-to-all round of a sharded gather.
     """
 
-    def __init__(self, value_shape: tuple[int, ...] = (), dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        value_shape: tuple[int, ...] = (),
+        dtype: torch.dtype = torch.float32,
+        topk: int | None = None,
+        round_bytes: int = 256 << 20,
+    ) -> None:
         if any(int(d) < 1 for d in value_shape):
             raise ValueError(f"value_shape must have positive sizes, got {tuple(value_shape)}")
         self.value_shape = tuple(int(d) for d in value_shape)
         self.dtype = dtype
+        self.codec = RowCodec(self.value_shape, dtype, topk)
+        self.round_rows = max(1, int(round_bytes) // self.codec.row_bytes())
         self._index: list[Tensor] = []
-        self._values: list[Tensor] = []
+        self._parts: list[RowParts] = []
 
     def __len__(self) -> int:
         return sum(int(i.shape[0]) for i in self._index)
@@ -94,12 +136,12 @@ class SampleRecorder:
                 f"got index {tuple(index.shape)} and values {tuple(values.shape)}"
             )
         self._index.append(index.detach().to(torch.long))
-        self._values.append(values.detach().to(self.dtype))
+        self._parts.append(self.codec.encode(values.detach()))
 
     def clear(self) -> None:
         """Drop the records of this rank."""
         self._index.clear()
-        self._values.clear()
+        self._parts.clear()
 
     def gather(
         self, device: torch.device | str = "cpu", reduction: Reduction = "mean", layout: RowLayout | None = None
@@ -110,32 +152,65 @@ class SampleRecorder:
             device: device of the collective (the strategy's root device: CPU for gloo, CUDA for NCCL).
             reduction: rule for indices recorded more than once (see :func:`reduce_by_index`).
             layout: with a sharded layout, each rank receives only the records of the rows it owns
-                (one all-to-all); otherwise every rank receives every record (all-gather).
+                (all-to-all); otherwise every rank receives every record (all-gather).
 
         Returns:
-            ``(index [U], values [U, *S], counts [U])`` on the CPU: identical on every rank, or with a
-            sharded layout this rank's rows of what a replicated gather returns, bit for bit.
+            ``(index [U], values [U, *S], counts [U])`` on the CPU (values decoded: float32 for float
+            records): identical on every rank, or with a sharded layout this rank's rows of what a
+            replicated gather returns, bit for bit.
         """
+        index, parts, counts = self.gather_parts(device, reduction, layout)
+        return index, self.codec.decode(parts), counts
+
+    def gather_parts(
+        self, device: torch.device | str = "cpu", reduction: Reduction = "mean", layout: RowLayout | None = None
+    ) -> tuple[Tensor, RowParts, Tensor]:
+        """:meth:`gather`, with the values left in stored form (what a buffer of the same codec writes as is)."""
         _check_reduction(reduction)
         device = torch.device(device)
-        if self._index:
-            index = torch.cat([i.to(device) for i in self._index])
-            self._index.clear()
-            values = torch.cat([v.to(device) for v in self._values])
-            self._values.clear()  # free the per-batch pieces before the gathered copy exists
-        else:
-            index = torch.empty(0, dtype=torch.long, device=device)
-            values = torch.empty((0, *self.value_shape), dtype=self.dtype, device=device)
         if layout is not None and layout.is_sharded and is_distributed():
-            mine_index, mine_values = send_to_owners(index, values, layout, device)
-            del index, values
-            return reduce_by_index(mine_index, mine_values, reduction)
+            index, parts = self._send_to_owners(layout, device)
+            return reduce_parts(index, parts, self.codec, reduction)
+        index, parts = self._take(len(self), device)
         all_index = _concatenate(all_gather_uneven(index)).cpu()
         del index
-        all_values = _concatenate(all_gather_uneven(values)).cpu()
-        del values
-        traffic.add(all_index, all_values)
-        return reduce_by_index(all_index, all_values, reduction)
+        all_parts = {}
+        for name in list(parts):
+            all_parts[name] = _concatenate(all_gather_uneven(parts.pop(name))).cpu()
+        traffic.add(all_index, *all_parts.values())
+        return reduce_parts(all_index, all_parts, self.codec, reduction)
+
+    def _take(self, rows: int, device: torch.device) -> tuple[Tensor, RowParts]:
+        """Remove and concatenate the oldest pieces holding at least ``rows`` records (all, if fewer)."""
+        taken, count = 0, 0
+        while taken < len(self._index) and count < rows:
+            count += int(self._index[taken].shape[0])
+            taken += 1
+        index_pieces, part_pieces = self._index[:taken], self._parts[:taken]
+        del self._index[:taken], self._parts[:taken]
+        if not index_pieces:
+            return torch.empty(0, dtype=torch.long, device=device), self.codec.empty(0, device)
+        index = _concatenate([i.to(device) for i in index_pieces])
+        parts = {name: _concatenate([p[name].to(device) for p in part_pieces]) for name in part_pieces[0]}
+        return index, parts
+
+    def _send_to_owners(self, layout: RowLayout, device: torch.device) -> tuple[Tensor, RowParts]:
+        """All records to their owners in rounds of at most ``round_rows`` per rank; in all-gather order."""
+        rounds = torch.tensor([-(-len(self) // self.round_rows)], dtype=torch.long, device=device)
+        dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
+        index_pieces, part_pieces, source_pieces = [], [], []
+        for _ in range(int(rounds)):
+            index, parts = self._take(self.round_rows, device)
+            index, parts, source = send_to_owners(index, parts, layout, device)
+            index_pieces.append(index), part_pieces.append(parts), source_pieces.append(source)
+        self.clear()
+        if not index_pieces:
+            return torch.empty(0, dtype=torch.long), self.codec.empty(0)
+        # rounds interleave the sources: order by source rank (stable), as one all-gather would have them
+        order = torch.argsort(torch.cat(source_pieces), stable=True)
+        index = torch.cat(index_pieces)[order]
+        parts = {name: torch.cat([p[name] for p in part_pieces])[order] for name in part_pieces[0]}
+        return index, parts
 
 
 def _concatenate(parts: list[Tensor]) -> Tensor:

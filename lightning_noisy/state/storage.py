@@ -79,8 +79,51 @@ def _class_dtype(num_classes: int) -> torch.dtype:
     return torch.int16 if num_classes <= torch.iinfo(torch.int16).max else torch.int32
 
 
+RowParts = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class RowCodec:
+    """How rows of shape ``S`` are stored: ``{"data": [M, *S]}`` in ``dtype``, or for ``S = (C,)`` with ``topk``
+    the parts ``{"top": [M, k] dtype, "classes": [M, k] int16}`` (int32 beyond 32,767 classes)."""
+
+    value_shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    topk: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.topk is not None and (len(self.value_shape) != 1 or not 1 <= int(self.topk) < self.value_shape[0]):
+            raise ValueError(f"top-k storage needs rows [C] with 1 <= k < C, got k={self.topk} and rows {self.value_shape}")
+
+    def empty(self, num_rows: int, device: torch.device | str = "cpu") -> RowParts:
+        """Parts of ``num_rows`` zero rows."""
+        if self.topk is None:
+            return {"data": torch.zeros((num_rows, *self.value_shape), dtype=self.dtype, device=device)}
+        classes = _class_dtype(self.value_shape[0])
+        return {"top": torch.zeros((num_rows, self.topk), dtype=self.dtype, device=device),
+                "classes": torch.zeros((num_rows, self.topk), dtype=classes, device=device)}
+
+    def encode(self, values: Tensor) -> RowParts:
+        """The stored form of ``values [M, *S]`` (top-k rows renormalised)."""
+        if self.topk is None:
+            return {"data": values.to(self.dtype)}
+        top, classes = top_k_rows(values, self.topk)
+        return {"top": top.to(self.dtype), "classes": classes.to(_class_dtype(self.value_shape[0]))}
+
+    def decode(self, parts: RowParts) -> Tensor:
+        """``[M, *S]`` rows from their stored form: float32 for float storage, the dtype itself otherwise."""
+        if self.topk is None:
+            data = parts["data"]
+            return data.float() if data.is_floating_point() else data
+        return dense_rows(parts["top"], parts["classes"], self.value_shape[0])
+
+    def row_bytes(self) -> int:
+        """Bytes of one stored row."""
+        return sum(p.element_size() * (p[0].numel() if p.ndim > 1 else 1) for p in self.empty(1).values())
+
+
 class RowStore:
-    """``R`` rows of shape ``S`` stored in ``dtype``; ``[R, C]`` distribution rows optionally as top-k.
+    """``R`` rows of shape ``S`` stored by a :class:`RowCodec`: ``dtype``, and ``[R, C]`` rows optionally as top-k.
 
     Reads return float32 for float storage (the dtype itself otherwise, e.g. int64 predictions).
 
@@ -103,21 +146,15 @@ class RowStore:
         device: torch.device | str = "cpu",
     ) -> None:
         self.num_rows = int(num_rows)
-        self.value_shape = tuple(int(d) for d in value_shape)
-        self.dtype = dtype
-        self.topk = topk
+        self.codec = RowCodec(tuple(int(d) for d in value_shape), dtype, topk)
+        self.value_shape, self.dtype, self.topk = self.codec.value_shape, dtype, topk
         shape = (self.num_rows, *self.value_shape)
-        if topk is not None:
-            if len(self.value_shape) != 1 or not 1 <= int(topk) < self.value_shape[0]:
-                raise ValueError(f"top-k storage needs rows [C] with 1 <= k < C, got k={topk} and rows {self.value_shape}")
-            self.top = torch.zeros((self.num_rows, int(topk)), dtype=dtype, device=device)
-            self.classes = torch.zeros((self.num_rows, int(topk)), dtype=_class_dtype(self.value_shape[0]), device=device)
-            if not callable(fill) and not isinstance(fill, Tensor) and float(fill) != 0.0:
-                raise ValueError(f"top-k rows start as zeros, a tensor or a function of the rows, got fill={fill!r}")
-        elif isinstance(fill, Tensor) or callable(fill):
-            self.data = torch.empty(shape, dtype=dtype, device=device)
+        if topk is not None and not callable(fill) and not isinstance(fill, Tensor) and float(fill) != 0.0:
+            raise ValueError(f"top-k rows start as zeros, a tensor or a function of the rows, got fill={fill!r}")
+        if topk is None and not isinstance(fill, Tensor) and not callable(fill):
+            self._parts = {"data": torch.full(shape, fill, dtype=dtype, device=device)}
         else:
-            self.data = torch.full(shape, fill, dtype=dtype, device=device)
+            self._parts = self.codec.empty(self.num_rows, device)
         if isinstance(fill, Tensor):
             if tuple(fill.shape) != shape:
                 raise ValueError(f"fill must be a scalar or a tensor of shape {shape}, got {tuple(fill.shape)}")
@@ -128,58 +165,53 @@ class RowStore:
                 self.write(rows, fill(rows))
 
     @property
+    def data(self) -> Tensor:
+        """``[R, *S]`` the dense rows themselves (dense storage only)."""
+        return self._parts["data"]
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the stored rows."""
-        if self.topk is None:
-            return self.data.numel() * self.data.element_size()
-        return sum(t.numel() * t.element_size() for t in (self.top, self.classes))
+        return sum(t.numel() * t.element_size() for t in self._parts.values())
 
     @property
     def device(self) -> torch.device:
-        return self.data.device if self.topk is None else self.top.device
+        return next(iter(self._parts.values())).device
 
     def read(self, rows: Tensor | None = None) -> Tensor:
         """``[len(rows), *S]`` rows (all when ``None``), float32 for float storage."""
-        if self.topk is None:
-            out = self.data if rows is None else self.data[rows.to(self.device)]
-            return out.float() if out.is_floating_point() else out
-        top = self.top if rows is None else self.top[rows.to(self.device)]
-        classes = self.classes if rows is None else self.classes[rows.to(self.device)]
-        return dense_rows(top, classes, self.value_shape[0])
+        return self.codec.decode(self._parts if rows is None else self.parts_of(rows))
 
     def write(self, rows: Tensor, values: Tensor, add: bool = False) -> None:
         """Store ``values [len(rows), *S]`` at ``rows`` (distinct local row numbers), replacing or adding."""
         rows = rows.to(self.device)
-        if self.topk is None:
-            values = values.to(device=self.device, dtype=self.dtype)
-            if add:
-                self.data.index_add_(0, rows, values)
-            else:
-                self.data[rows] = values
+        if self.topk is None and add:
+            self.data.index_add_(0, rows, values.to(device=self.device, dtype=self.dtype))
             return
         if add:
             values = values.float() + self.read(rows)
-        top, classes = top_k_rows(values, self.topk)
-        self.top[rows] = top.to(device=self.device, dtype=self.dtype)
-        self.classes[rows] = classes.to(device=self.device, dtype=self.classes.dtype)
+        self.write_parts(rows, self.codec.encode(values.to(self.device)))
 
-    def parts_of(self, rows: Tensor) -> dict[str, Tensor]:
+    def write_parts(self, rows: Tensor, parts: RowParts) -> None:
+        """Store rows already in stored form (:meth:`RowCodec.encode`) at ``rows``."""
+        rows = rows.to(self.device)
+        for name, tensor in self._parts.items():
+            tensor[rows] = parts[name].to(device=self.device, dtype=tensor.dtype)
+
+    def parts_of(self, rows: Tensor) -> RowParts:
         """The stored form of ``rows`` (what a fetch sends): dense rows, or top-k values and classes."""
         rows = rows.to(self.device)
-        return {name: tensor[rows] for name, tensor in self.parts().items()}
+        return {name: tensor[rows] for name, tensor in self._parts.items()}
 
-    def decode(self, parts: dict[str, Tensor]) -> Tensor:
+    def decode(self, parts: RowParts) -> Tensor:
         """Rows from their stored form :meth:`parts_of`, as :meth:`read` returns them."""
-        if self.topk is None:
-            data = parts["data"]
-            return data.float() if data.is_floating_point() else data
-        return dense_rows(parts["top"], parts["classes"], self.value_shape[0])
+        return self.codec.decode(parts)
 
-    def parts(self) -> dict[str, Tensor]:
+    def parts(self) -> RowParts:
         """The stored tensors, by name (what a checkpoint holds)."""
-        return {"data": self.data} if self.topk is None else {"top": self.top, "classes": self.classes}
+        return self._parts
 
     def load_parts(self, parts: dict[str, Any]) -> None:
         """Copy :meth:`parts` of the same storage in; shapes are checked by the caller."""
-        for name, tensor in self.parts().items():
+        for name, tensor in self._parts.items():
             tensor.copy_(parts[name])
