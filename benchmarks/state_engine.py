@@ -1,80 +1,231 @@
-"""Per-epoch cost of the state engine: record N samples in batches, gather, reduce and write a buffer.
+"""Per-rank memory and traffic of the per-sample state: replicated against sharded, on W gloo processes.
 
-Prints a markdown table: time to record an epoch, time of the epoch-boundary gather + write, records
-per second of that boundary work, and the peak resident memory of the process next to the size of
-the ``N x C`` buffer itself. Each (N, C) runs in a fresh process so peaks do not carry over.
+Each configuration trains a synthetic classifier (its logits are a learnt bias plus fresh noise) for
+two epochs on N samples of C classes with the real ``LabelCorrectionCallback`` (soft labels updated at
+every epoch's end, a K-epoch history), on W processes launched as W nodes of one process each (Lightning's
+``num_nodes=W``, ``NODE_RANK``, ``MASTER_ADDR=127.0.0.1``), one torch thread each. Every rank reports:
 
-    .venv/bin/python benchmarks/state_engine.py                 # N = 1e5, 1e6, 1e7; C = 10, 100
-    .venv/bin/python benchmarks/state_engine.py --sizes 100000 --classes 10
+- ``state_bytes_per_rank``: the per-sample state it owns (labels, history, visit counts): what it checkpoints;
+- ``fetch_bytes_per_rank``: the most fetched label rows it held at once (sharded only);
+- ``peak_rss_bytes_per_rank``: its peak resident memory;
+- ``bytes_received_per_rank``: everything it received through the state engine in the second epoch
+  (records and row fetches);
+- ``boundary_seconds``: the epoch-boundary work of the second epoch (records to owners, history, label update).
+
+Rows give the maximum over ranks (and ``peak_rss_bytes_sum``, the sum), one JSON row per configuration.
+A configuration whose estimated memory exceeds what the machine has free is skipped and says so.
+
+    .venv/bin/python benchmarks/state_engine.py                          # N = 1e5, 1e6; C = 100; W = 2, 4
+    .venv/bin/python benchmarks/state_engine.py --sizes 10000000 --classes 100 --world-size 4 \\
+        --mode sharded --storage-dtype bfloat16 --history 10 --history-form running --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from lightning_noisy.state import SampleBuffer, SampleRecorder
+MODES = ("replicated", "sharded")
 
 
-def run_one(num_samples: int, num_classes: int, batch_size: int) -> dict[str, float]:
-    """One epoch of records for every sample (random order), then the boundary work, timed."""
-    torch.manual_seed(0)
-    buffer = SampleBuffer(num_samples, (num_classes,))
-    recorder = SampleRecorder((num_classes,))
-    order = torch.randperm(num_samples)
-    batch_values = torch.rand(batch_size, num_classes)
-    start = time.perf_counter()
-    for begin in range(0, num_samples, batch_size):
-        index = order[begin : begin + batch_size]
-        recorder.add(index, batch_values[: index.shape[0]])
-    record_s = time.perf_counter() - start
-    start = time.perf_counter()
-    index, values, _ = recorder.gather("cpu", reduction="mean")
-    buffer.write(index, values)
-    boundary_s = time.perf_counter() - start
-    peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+# -- one rank -------------------------------------------------------------------------------------------
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+def run_rank(args: argparse.Namespace) -> dict[str, Any]:
+    """Train two epochs on this rank and return its figures (called in each launched process)."""
+    import lightning.pytorch as pl
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, Dataset
+
+    from lightning_noisy.callbacks import LabelCorrectionCallback
+    from lightning_noisy.state.exchange import traffic
+
+    torch.set_num_threads(1)
+    n, c = args.sizes[0], args.classes[0]
+
+    class Records(Dataset):
+        """``N`` samples whose input is their index; batches come whole through ``__getitems__``."""
+
+        def __init__(self) -> None:
+            self.noisy_labels = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(0))
+            self.clean_labels, self.num_classes = None, c
+
+        def __len__(self) -> int:
+            return n
+
+        def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+            index = torch.as_tensor(indices, dtype=torch.long)
+            return [index.float()[:, None], self.noisy_labels[index], index]
+
+    class Synthetic(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.zeros(c))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bias + 3 * torch.randn(x.shape[0], c)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    class Measured(LabelCorrectionCallback):
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            super().on_train_epoch_start(trainer, pl_module)
+            self.received_at_start = traffic.received_bytes
+
+        def on_epoch_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            start = time.perf_counter()
+            super().on_epoch_boundary(trainer, pl_module)
+            self.boundary_seconds = time.perf_counter() - start
+            self.received = traffic.received_bytes - self.received_at_start
+
+    callback = Measured(
+        update="soft", num_average_epochs=args.history, start_epoch=0, prior_weight=0.0, entropy_weight=0.0,
+        shard_state=args.mode[0] == "sharded", storage_dtype=args.storage_dtype, storage_topk=args.storage_topk,
+        history=args.history_form, fetch_window=args.fetch_window,
+    )
+    world = args.world_size[0]
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, num_nodes=world, strategy="ddp" if world > 1 else "auto", max_epochs=2,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=[callback],
+    )
+    loader = DataLoader(Records(), batch_size=args.batch_size, shuffle=True, collate_fn=_identity)
+    trainer.fit(Synthetic(), loader)
+    fetcher = callback._fetcher
     return {
-        "N": num_samples,
-        "C": num_classes,
-        "record_s": record_s,
-        "boundary_s": boundary_s,
-        "records_per_s": num_samples / boundary_s,
-        "peak_gib": peak_bytes / 2**30,
-        "buffer_gib": buffer.values.numel() * buffer.values.element_size() / 2**30,
+        "state_bytes": callback.state_bytes,
+        "fetch_bytes": 0 if fetcher is None else fetcher.peak_bytes,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+        "bytes_received": callback.received,
+        "boundary_seconds": callback.boundary_seconds,
     }
+
+
+# -- the launcher ---------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as handle:
+        fields = dict(line.split(":", 1) for line in handle)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def estimate_bytes(n: int, c: int, world: int, mode: str, dtype: str, topk: int | None, history: int,
+                   form: str) -> int:
+    """Rough memory of all ranks together: the state, twice the records in flight, 0.6 GB of runtime each."""
+    element = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    row = c * element if topk is None else topk * (element + 2)
+    tables = 1 + (history if form == "ring" else 1)
+    rows_per_rank = n if mode == "replicated" else -(-n // world)
+    state = rows_per_rank * (row * tables + 8 * 2)
+    records = -(-n // world) * row * (world if mode == "replicated" else 1)
+    return world * (state + 3 * records + int(0.6e9))
+
+
+def run_config(args: argparse.Namespace, n: int, c: int, world: int, mode: str) -> dict[str, Any]:
+    row = {"mode": mode, "world_size": world, "num_samples": n, "num_classes": c, "history": args.history,
+           "history_form": args.history_form, "storage_dtype": args.storage_dtype, "storage_topk": args.storage_topk}
+    need = estimate_bytes(n, c, world, mode, args.storage_dtype, args.storage_topk, args.history, args.history_form)
+    if need > 0.9 * _available_bytes():
+        return {**row, "skipped": f"needs about {need / 2**30:.1f} GiB, {_available_bytes() / 2**30:.1f} GiB free"}
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as out:
+        processes = []
+        for rank in range(world):
+            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(rank),
+                   "LOCAL_RANK": "0", "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
+            command = [sys.executable, __file__, "--rank-out", f"{out}/{rank}.json", "--sizes", str(n), "--classes",
+                       str(c), "--world-size", str(world), "--mode", mode, "--storage-dtype", args.storage_dtype,
+                       "--history", str(args.history), "--history-form", args.history_form, "--batch-size",
+                       str(args.batch_size), "--fetch-window", str(args.fetch_window)]
+            if args.storage_topk is not None:
+                command += ["--storage-topk", str(args.storage_topk)]
+            processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        errors = [p.communicate()[1] for p in processes]
+        if any(p.returncode != 0 for p in processes):
+            last = next(e for p, e in zip(processes, errors) if p.returncode != 0).strip().splitlines()
+            return {**row, "failed": last[-1] if last else f"exit codes {[p.returncode for p in processes]}"}
+        ranks = [json.loads(Path(f"{out}/{rank}.json").read_text()) for rank in range(world)]
+    return {
+        **row,
+        "state_bytes_per_rank": max(r["state_bytes"] for r in ranks),
+        "fetch_bytes_per_rank": max(r["fetch_bytes"] for r in ranks),
+        "peak_rss_bytes_per_rank": max(r["peak_rss_bytes"] for r in ranks),
+        "peak_rss_bytes_sum": sum(r["peak_rss_bytes"] for r in ranks),
+        "bytes_received_per_rank": max(r["bytes_received"] for r in ranks),
+        "boundary_seconds": max(r["boundary_seconds"] for r in ranks),
+    }
+
+
+def _gib(value: Any) -> str:
+    return f"{value / 2**30:.3f}" if isinstance(value, (int, float)) else "—"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
-    parser.add_argument("--classes", type=int, nargs="+", default=[10, 100])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--classes", type=int, nargs="+", default=[100])
+    parser.add_argument("--world-size", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--mode", choices=MODES, nargs="+", default=list(MODES))
+    parser.add_argument("--storage-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--storage-topk", type=int, default=None)
+    parser.add_argument("--history", type=int, default=10, help="K of the JO-style prediction history")
+    parser.add_argument("--history-form", choices=("ring", "running"), default="ring")
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fetch-window", type=int, default=16)
+    parser.add_argument("--json", type=Path, default=None, help="append one JSON row per configuration")
+    parser.add_argument("--rank-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one:
-        print(json.dumps(run_one(args.sizes[0], args.classes[0], args.batch_size)))
+    if args.rank_out is not None:
+        args.rank_out.write_text(json.dumps(run_rank(args)))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch size {args.batch_size}, one process, CPU\n")
-    print("| N | C | record epoch (s) | gather + write (s) | records/s at boundary | peak RSS (GiB) | buffer (GiB) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"torch {torch.__version__}, gloo, one thread per rank, two epochs, history K={args.history} "
+          f"({args.history_form}), {args.storage_dtype}, top-k {args.storage_topk}\n")
+    print("| N | C | W | mode | state/rank GiB | fetch held/rank GiB | received/rank/epoch GiB | peak RSS/rank GiB "
+          "| peak RSS sum GiB | boundary s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n in args.sizes:
         for c in args.classes:
-            out = subprocess.run(
-                [sys.executable, __file__, "--one", "--sizes", str(n), "--classes", str(c), "--batch-size",
-                 str(args.batch_size)], capture_output=True, text=True,
-            )
-            if out.returncode != 0:
-                print(f"| {n:.0e} | {c} | failed: {out.stderr.strip().splitlines()[-1]} |||||")
-                continue
-            r = json.loads(out.stdout)
-            print(f"| {n:.0e} | {c} | {r['record_s']:.2f} | {r['boundary_s']:.2f} | {r['records_per_s']:.3g} | "
-                  f"{r['peak_gib']:.2f} | {r['buffer_gib']:.2f} |", flush=True)
+            for world in args.world_size:
+                for mode in args.mode:
+                    r = run_config(args, n, c, world, mode)
+                    if args.json is not None:
+                        with args.json.open("a") as handle:
+                            handle.write(json.dumps(r) + "\n")
+                    note = r.get("skipped") or r.get("failed")
+                    if note:
+                        print(f"| {n:.0e} | {c} | {world} | {mode} | {note} ||||||", flush=True)
+                        continue
+                    print(f"| {n:.0e} | {c} | {world} | {mode} | {_gib(r['state_bytes_per_rank'])} | "
+                          f"{_gib(r['fetch_bytes_per_rank'])} | {_gib(r['bytes_received_per_rank'])} | "
+                          f"{_gib(r['peak_rss_bytes_per_rank'])} | {_gib(r['peak_rss_bytes_sum'])} | "
+                          f"{r['boundary_seconds']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from helpers import NUM_CLASSES, PlainClassifier, SpawnDDPStrategy, toy_dataset,
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Sampler
 
-from lightning_noisy.callbacks import LabelCorrectionCallback
+from lightning_noisy.callbacks import LabelCorrectionCallback, NoisyLabelMonitor
 from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder, SampleRunningMean
 from lightning_noisy.state.records import reduce_parts
 from lightning_noisy.state.exchange import fetch_rows, gather_to_rank_zero
@@ -303,9 +303,13 @@ class LabelsToFile(LabelCorrectionCallback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         labels, held = self.labels, self.local_labels()[0]
+        monitor = next(c for c in trainer.callbacks if isinstance(c, NoisyLabelMonitor))
+        losses, predictions = gather_rows(monitor.losses), gather_rows(monitor.predictions)  # collectives
         if trainer.is_global_zero:
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("noisy/")}
             torch.save({"labels": labels, "weights": pl_module.state_dict(), "updates": self.num_updates,
-                        "rows_held": held.shape[0]}, self.out)
+                        "rows_held": held.shape[0], "monitor_rows_held": monitor.losses.values.shape[0],
+                        "losses": losses, "predictions": predictions, "metrics": metrics}, self.out)
 
 
 def _fit(out: Path, devices: int, shard_state: bool | None, max_epochs: int = 4, sampler: str = "distributed",
@@ -319,7 +323,8 @@ def _fit(out: Path, devices: int, shard_state: bool | None, max_epochs: int = 4,
         loader = DataLoader(dataset, batch_size=4, sampler=RotatingSampler(29), drop_last=drop_last)
     options = {"update": "soft", "num_average_epochs": 2, "start_epoch": 1, "prior_weight": 0.5,
                "entropy_weight": 0.2, "fetch_window": 2, **options}
-    callbacks: list[pl.Callback] = [LabelsToFile(out, shard_state=shard_state, **options)]
+    callbacks: list[pl.Callback] = [LabelsToFile(out, shard_state=shard_state, **options),
+                                    NoisyLabelMonitor(shard_state=shard_state, histogram=False)]
     if checkpoints is not None:
         callbacks.append(ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0))
     strategy = SpawnDDPStrategy() if devices > 1 else "auto"
@@ -332,6 +337,8 @@ def _fit(out: Path, devices: int, shard_state: bool | None, max_epochs: int = 4,
 
 def _assert_same_run(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert torch.equal(a["labels"], b["labels"]), "labels differ"
+    assert torch.equal(a["losses"], b["losses"]) and torch.equal(a["predictions"], b["predictions"]), "monitor"
+    assert a["metrics"] == b["metrics"] and "noisy/recovery_acc" in a["metrics"] and "noisy/train_pred_acc" in a["metrics"]
     assert a["updates"] == b["updates"] > 0
     for name, value in a["weights"].items():
         assert torch.equal(value, b["weights"][name]), name
@@ -350,7 +357,8 @@ def _assert_same_run(a: dict[str, Any], b: dict[str, Any]) -> None:
 def test_sharded_fit_equals_replicated_fit(tmp_path: Path, devices: int, case: dict[str, Any]) -> None:
     sharded = _fit(tmp_path / "sharded.pt", devices, None, **case)
     replicated = _fit(tmp_path / "replicated.pt", devices, False, **case)
-    assert sharded["rows_held"] == -(-29 // devices) and replicated["rows_held"] == 29  # rank 0's rows
+    assert sharded["rows_held"] == sharded["monitor_rows_held"] == -(-29 // devices)  # rank 0's rows
+    assert replicated["rows_held"] == replicated["monitor_rows_held"] == 29
     _assert_same_run(sharded, replicated)
     assert not torch.equal(sharded["labels"], F.one_hot(toy_dataset(n=29, noisy_every=4).noisy_labels, 3).float())
 

@@ -228,6 +228,14 @@ class SampleStateCallback(Callback):
             return RowLayout(num_samples, trainer.world_size, trainer.global_rank)
         return RowLayout(num_samples)
 
+    def sum_over_shards(self, trainer: pl.Trainer, layout: RowLayout, totals: Tensor) -> Tensor:
+        """``totals`` of this rank's rows summed over every rank's rows (an all-reduce when ``layout`` is sharded)."""
+        if not (layout.is_sharded and trainer.world_size > 1):
+            return totals
+        summed = totals.to(trainer.strategy.root_device)
+        torch.distributed.all_reduce(summed)
+        return summed.cpu()
+
     def sample_state_dict(self) -> dict[str, Any]:
         """The buffers' states (whole tables on rank 0 when sharded: a collective) and :meth:`extra_state_dict`."""
         buffers = self.sample_buffers()

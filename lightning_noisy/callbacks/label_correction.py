@@ -307,15 +307,11 @@ class LabelCorrectionCallback(SampleStateCallback):
                 sums[1] += int((hard == labels.clean[index]).sum())
             sums[2] += float(-(rows * torch.log(rows.clamp_min(1e-12))).sum(1).double().sum())
             confidence.append(rows.max(1).values)
-        sharded = given.layout.is_sharded and is_distributed()
-        if sharded:
-            sums = sums.to(trainer.strategy.root_device)
-            torch.distributed.all_reduce(sums)
-            sums = sums.cpu()
+        sums = self.sum_over_shards(trainer, given.layout, sums)
         n = labels.num_samples
         metrics = {"noisy/changed_frac": (sums[0] / n).float(), "noisy/label_entropy": (sums[2] / n).float()}
         if labels.clean is not None:
             metrics["noisy/recovery_acc"] = (sums[1] / n).float()
         self.log_epoch_metrics(pl_module, metrics)
-        all_confidence = gather_scalars(torch.cat(confidence), sharded, trainer.strategy.root_device)
+        all_confidence = gather_scalars(torch.cat(confidence), given.layout.is_sharded, trainer.strategy.root_device)
         log_histogram(trainer, "noisy/label_confidence", all_confidence)

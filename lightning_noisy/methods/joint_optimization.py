@@ -10,6 +10,8 @@ from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from typing_extensions import override
 
 from lightning_noisy.callbacks import LabelCorrectionCallback
+from lightning_noisy.callbacks.label_correction import HistoryForm
+from lightning_noisy.state.storage import StorageDtype
 from lightning_noisy.methods.classifier import NoisyClassifier, build_optimizer
 from lightning_noisy.state.label_rules import UpdateRule
 
@@ -58,6 +60,11 @@ class JointOptimization(NoisyClassifier):
         step2_lr: initial learning rate of step 2 (paper, CIFAR-10: 0.2).
         step2_milestones: step-2 epochs at which its rate is multiplied by ``gamma`` (paper: 40, 80).
         step2_seed: seed of the fresh initialisation of step 2.
+        shard_state: shard the label state across DDP ranks (``None``: whenever the world size is above 1).
+        storage_dtype: dtype of the stored labels and history (``"float32"``, ``"bfloat16"``, ``"float16"``).
+        storage_topk: keep the ``k`` largest entries of each label and history row (``None``: dense).
+        history: ``"ring"`` (the last ``K`` predictions, exact) or ``"running"`` (one running mean); see
+            :class:`~lightning_noisy.callbacks.LabelCorrectionCallback`.
         **kwargs: the :class:`NoisyClassifier` arguments (``lr`` is step 1's constant rate; ``scheduler``
             and ``milestones`` are not used: the two-step schedule replaces them).
     """
@@ -75,6 +82,10 @@ class JointOptimization(NoisyClassifier):
         step2_lr: float = 0.2,
         step2_milestones: list[int] | None = None,
         step2_seed: int = 0,
+        shard_state: bool | None = None,
+        storage_dtype: StorageDtype = "float32",
+        storage_topk: int | None = None,
+        history: HistoryForm = "ring",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -96,6 +107,10 @@ class JointOptimization(NoisyClassifier):
             prior_weight=alpha,
             entropy_weight=beta,
             prior=prior,
+            shard_state=shard_state,
+            storage_dtype=storage_dtype,
+            storage_topk=storage_topk,
+            history=history,
             key="joint_optimization",
         )
 
