@@ -18,6 +18,7 @@ A configuration whose estimated memory exceeds what the machine has free is skip
     .venv/bin/python benchmarks/state_engine.py                          # N = 1e5, 1e6; C = 100; W = 2, 4
     .venv/bin/python benchmarks/state_engine.py --sizes 10000000 --classes 100 --world-size 4 \\
         --mode sharded --storage-dtype bfloat16 --history 10 --history-form running --json out.json
+    .venv/bin/python benchmarks/state_engine.py --extrapolate out.json    # 64 ranks: WebVision, 1e8 x 1,000
 """
 
 from __future__ import annotations
@@ -170,7 +171,8 @@ def run_config(args: argparse.Namespace, n: int, c: int, world: int, mode: str) 
         errors = [p.communicate()[1] for p in processes]
         if any(p.returncode != 0 for p in processes):
             last = next(e for p, e in zip(processes, errors) if p.returncode != 0).strip().splitlines()
-            return {**row, "failed": last[-1] if last else f"exit codes {[p.returncode for p in processes]}"}
+            codes = [p.returncode for p in processes]
+            return {**row, "failed": f"exit codes {codes}" + (f": {last[-1]}" if last else "")}
         ranks = [json.loads(Path(f"{out}/{rank}.json").read_text()) for rank in range(world)]
     return {
         **row,
@@ -181,6 +183,35 @@ def run_config(args: argparse.Namespace, n: int, c: int, world: int, mode: str) 
         "bytes_received_per_rank": max(r["bytes_received"] for r in ranks),
         "boundary_seconds": max(r["boundary_seconds"] for r in ranks),
     }
+
+
+#: (name, N, C) of the data sets extrapolated to, on 64 ranks (8 nodes of 8 GPUs)
+TARGETS = (("WebVision", 2_400_000, 1000), ("1e8 x 1,000", 100_000_000, 1000))
+
+
+def extrapolate(rows: list[dict[str, Any]], world: int = 64) -> None:
+    """Bytes per rank and traffic per rank per epoch at ``TARGETS`` from each measured row's per-row costs.
+
+    A measured row's state and traffic per owned row are scaled to the target's rows per rank; dense rows
+    also scale with ``C_target / C`` (top-k rows do not depend on ``C``). Replicated state is ``N`` rows per rank.
+    """
+    print(f"| measured on | storage | target | W | state/rank GiB | received/rank/epoch GiB |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        if "state_bytes_per_rank" not in row:
+            continue
+        # rows a rank holds, and records it receives: its block when sharded, all N when replicated
+        per_rank = -(-row["num_samples"] // row["world_size"]) if row["mode"] == "sharded" else row["num_samples"]
+        state_row = row["state_bytes_per_rank"] / per_rank
+        received_row = row["bytes_received_per_rank"] / per_rank
+        storage = f"{row['storage_dtype']}, top-{row['storage_topk']}" if row["storage_topk"] else row["storage_dtype"]
+        storage += f", {row['history_form']} K={row['history']}"
+        for name, n, c in TARGETS:
+            scale = 1.0 if row["storage_topk"] else c / row["num_classes"]
+            target_rows = n if row["mode"] == "replicated" else -(-n // world)
+            print(f"| {row['mode']} {row['num_samples']:.0e} x {row['num_classes']}, W={row['world_size']} | {storage} "
+                  f"| {name} | {world} | {state_row * scale * target_rows / 2**30:.2f} "
+                  f"| {received_row * scale * target_rows / 2**30:.2f} |")
 
 
 def _gib(value: Any) -> str:
@@ -200,8 +231,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--fetch-window", type=int, default=16)
     parser.add_argument("--json", type=Path, default=None, help="append one JSON row per configuration")
+    parser.add_argument("--extrapolate", type=Path, default=None,
+                        help="print the per-rank figures at 64 ranks for WebVision and 1e8 x 1,000 from this JSON")
     parser.add_argument("--rank-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.extrapolate is not None:
+        extrapolate([json.loads(line) for line in args.extrapolate.read_text().splitlines() if line.strip()])
+        return
     if args.rank_out is not None:
         args.rank_out.write_text(json.dumps(run_rank(args)))
         return

@@ -15,7 +15,7 @@ from helpers import NUM_CLASSES, PlainClassifier, SpawnDDPStrategy, toy_dataset,
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Sampler
 
-from lightning_noisy.callbacks import LabelCorrectionCallback, NoisyLabelMonitor
+from lightning_noisy.callbacks import AUMCallback, LabelCorrectionCallback, NoisyLabelMonitor
 from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder, SampleRunningMean
 from lightning_noisy.state.records import reduce_parts
 from lightning_noisy.state.exchange import fetch_rows, gather_to_rank_zero
@@ -305,11 +305,13 @@ class LabelsToFile(LabelCorrectionCallback):
         labels, held = self.labels, self.local_labels()[0]
         monitor = next(c for c in trainer.callbacks if isinstance(c, NoisyLabelMonitor))
         losses, predictions = gather_rows(monitor.losses), gather_rows(monitor.predictions)  # collectives
+        aum_callback = next((c for c in trainer.callbacks if isinstance(c, AUMCallback)), None)
+        aum = None if aum_callback is None else aum_callback.aum
         if trainer.is_global_zero:
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("noisy/")}
             torch.save({"labels": labels, "weights": pl_module.state_dict(), "updates": self.num_updates,
                         "rows_held": held.shape[0], "monitor_rows_held": monitor.losses.values.shape[0],
-                        "losses": losses, "predictions": predictions, "metrics": metrics}, self.out)
+                        "losses": losses, "predictions": predictions, "aum": aum, "metrics": metrics}, self.out)
 
 
 def _fit(out: Path, devices: int, shard_state: bool | None, max_epochs: int = 4, sampler: str = "distributed",
@@ -325,6 +327,8 @@ def _fit(out: Path, devices: int, shard_state: bool | None, max_epochs: int = 4,
                "entropy_weight": 0.2, "fetch_window": 2, **options}
     callbacks: list[pl.Callback] = [LabelsToFile(out, shard_state=shard_state, **options),
                                     NoisyLabelMonitor(shard_state=shard_state, histogram=False)]
+    if options["update"] != "soft":  # AUM's margins need hard targets
+        callbacks.append(AUMCallback(threshold_samples=False, shard_state=shard_state, histogram=False))
     if checkpoints is not None:
         callbacks.append(ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0))
     strategy = SpawnDDPStrategy() if devices > 1 else "auto"
@@ -338,6 +342,8 @@ def _fit(out: Path, devices: int, shard_state: bool | None, max_epochs: int = 4,
 def _assert_same_run(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert torch.equal(a["labels"], b["labels"]), "labels differ"
     assert torch.equal(a["losses"], b["losses"]) and torch.equal(a["predictions"], b["predictions"]), "monitor"
+    if a["aum"] is not None:
+        torch.testing.assert_close(a["aum"], b["aum"], rtol=0, atol=0, equal_nan=True)  # bit for bit
     assert a["metrics"] == b["metrics"] and "noisy/recovery_acc" in a["metrics"] and "noisy/train_pred_acc" in a["metrics"]
     assert a["updates"] == b["updates"] > 0
     for name, value in a["weights"].items():

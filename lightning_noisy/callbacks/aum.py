@@ -9,8 +9,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
@@ -19,7 +17,9 @@ from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels, 
 from lightning_noisy.metrics.selection import selection_scores
 from lightning_noisy.seeding import stream_generator
 from lightning_noisy.state import SampleBuffer, StepContext
-from lightning_noisy.state.gather import is_distributed
+from lightning_noisy.state.exchange import sum_to_owners
+from lightning_noisy.state.sharded import gather_scalars
+from lightning_noisy.state.storage import StateOptions
 
 #: columns of the ``aum`` package's ``aum_values.csv`` (sorted by ``aum``, largest first)
 AUM_CSV_COLUMNS = ("sample_id", "aum")
@@ -109,8 +109,9 @@ class AUMCallback(SampleStateCallback):
     Each epoch it logs ``aum/threshold`` and ``aum/flagged_fraction``, with the clean labels the
     precision, recall, F1 and AUROC of the detection (``noisy/aum_*``), and a histogram of the AUMs.
     Each rank adds its margins into dense ``[N]`` sums and counts; once per epoch these are summed over
-    the ranks (one all-reduce each), so the values are identical on every rank and equal to a single
-    process's. The results: :attr:`aum`, :attr:`flagged`,
+    the ranks in rank order, each rank receiving only the rows it owns when the state is sharded (one
+    all-to-all each), so the values equal a single process's and a sharded run's equal a replicated
+    run's bit for bit. The results: :attr:`aum`, :attr:`flagged` (gathered on demand when sharded),
     :meth:`save_csv` (the ``aum`` package's ``aum_values.csv`` columns) and :meth:`save_flags`; with
     ``output_dir`` both are written when training ends.
 
@@ -126,6 +127,9 @@ class AUMCallback(SampleStateCallback):
         threshold_seed: seed of the threshold sets (the same for the runs to be combined).
         output_dir: write ``aum_values.csv`` and ``aum_flags.csv`` there when training ends (rank 0).
         histogram: write the AUM histogram to TensorBoard.
+        shard_state: each DDP rank keeps only its block of about ``N / W`` margin sums and counts (``None``:
+            whenever the world size is above 1). The sums stay float64: ``storage_dtype`` and
+            ``storage_topk`` do not apply to them.
         key: distinguishes two instances in one checkpoint.
     """
 
@@ -139,9 +143,10 @@ class AUMCallback(SampleStateCallback):
         threshold_seed: int = 0,
         output_dir: str | None = None,
         histogram: bool = True,
+        shard_state: bool | None = None,
         key: str | None = None,
     ) -> None:
-        super().__init__(key=key)
+        super().__init__(key=key, state_options=StateOptions(shard_state))
         if int(start_epoch) < 0:
             raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
         if not 0 < float(percentile) < 100:
@@ -190,8 +195,9 @@ class AUMCallback(SampleStateCallback):
         self._device_assigned = None
         self._epoch_sum = torch.zeros(n, dtype=torch.float64)
         self._epoch_count = torch.zeros(n, dtype=torch.long)
-        self.margin_sum = SampleBuffer(n, (), torch.float64)
-        self.margin_count = SampleBuffer(n, (), torch.long)
+        layout = self.row_layout(trainer, n)
+        self.margin_sum = SampleBuffer(n, (), torch.float64, layout=layout)
+        self.margin_count = SampleBuffer(n, (), torch.long, layout=layout)
 
     def _check_outputs(self, outputs: int, num_classes: int) -> None:
         expected = num_classes + int(self.use_threshold_samples)
@@ -246,35 +252,39 @@ class AUMCallback(SampleStateCallback):
     def on_epoch_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.margin_sum is not None and self.margin_count is not None
         assert self._epoch_sum is not None and self._epoch_count is not None
-        total, counts = self._epoch_sum, self._epoch_count
-        if is_distributed():  # one sum over the ranks per epoch: every rank then holds every sample's margins
-            dist.all_reduce(total)
-            dist.all_reduce(counts)
+        layout, device = self.margin_sum.layout, trainer.strategy.root_device
+        # one sum over the ranks per epoch: this rank's rows (all of them unless sharded)
+        total = sum_to_owners(self._epoch_sum, layout, device)
+        counts = sum_to_owners(self._epoch_count, layout, device)
         index = torch.nonzero(counts > 0).flatten()
-        if index.numel() == 0:
+        if self.sum_over_shards(trainer, layout, torch.tensor([index.numel()]))[0] == 0:
             return
-        self.margin_sum.write(index.cpu(), total[index].double().cpu(), mode="add")
-        self.margin_count.write(index.cpu(), counts[index].cpu(), mode="add")
-        total.zero_()
-        counts.zero_()
+        self.margin_sum.write(index.cpu() + layout.start, total[index].double().cpu(), mode="add")
+        self.margin_count.write(index.cpu() + layout.start, counts[index].cpu(), mode="add")
+        self._epoch_sum.zero_()
+        self._epoch_count.zero_()
+        rows, aum, seen = self._local_aum()
+        sharded = layout.is_sharded
         metrics: dict[str, Tensor] = {}
-        seen = self.margin_count.values > 0
-        aum = self.aum
         if self.use_threshold_samples:
             assert self.threshold_mask is not None
-            threshold = aum_threshold(aum[self.threshold_mask & seen], self.percentile)
-            flagged = (aum < threshold) & ~self.threshold_mask & seen
+            mask = self.threshold_mask[rows]
+            threshold = aum_threshold(gather_scalars(aum[mask & seen], sharded, device), self.percentile)
+            flagged = (aum < threshold) & ~mask & seen
+            counts = self.sum_over_shards(trainer, layout, torch.stack([flagged.sum(), seen.sum()]))
             metrics["aum/threshold"] = torch.tensor(threshold)
-            metrics["aum/flagged_fraction"] = flagged[seen].float().mean()
+            metrics["aum/flagged_fraction"] = counts[0].double() / counts[1].double()
             labels = self.training_labels
-            ordinary = seen & ~self.threshold_mask
-            if labels is not None and labels.clean is not None and bool(ordinary.any()):
-                is_clean = (labels.noisy == labels.clean)[ordinary]
-                scores = selection_scores(aum[ordinary].float(), ~flagged[ordinary], is_clean, positive="noisy")
-                metrics.update({f"noisy/aum_{name}": value for name, value in scores.items()})
+            ordinary = seen & ~mask
+            if labels is not None and labels.clean is not None:  # AUROC ranks every sample: gathered, for metrics
+                is_clean = (labels.noisy == labels.clean)[rows][ordinary]
+                scores, kept, clean = (gather_scalars(t, sharded, device) for t in (aum[ordinary], ~flagged[ordinary], is_clean))
+                if scores.numel():
+                    found = selection_scores(scores.float(), kept, clean, positive="noisy")
+                    metrics.update({f"noisy/aum_{name}": value for name, value in found.items()})
         self.log_epoch_metrics(pl_module, metrics)
         if self.histogram:
-            log_histogram(trainer, "aum/values", aum[seen])
+            log_histogram(trainer, "aum/values", gather_scalars(aum[seen], sharded, device))
 
     def _remove_output_check(self) -> None:
         if self._output_check is not None:
@@ -288,15 +298,18 @@ class AUMCallback(SampleStateCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.output_dir is not None and self.margin_count is not None and bool(self.margin_count.visited.any()):
-            self._write_outputs(Path(self.output_dir))
-
-    @rank_zero_only
-    def _write_outputs(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.save_csv(directory / "aum_values.csv")
-        if self.use_threshold_samples:
-            self.save_flags(directory / "aum_flags.csv")
+        if self.output_dir is None or self.margin_count is None:
+            return
+        visited = self.sum_over_shards(trainer, self.margin_count.layout, self.margin_count.visited.sum().view(1))
+        if int(visited[0]) == 0:
+            return
+        table = self._table()  # gathered on every rank (a collective when sharded); rank 0 writes
+        if trainer.is_global_zero:
+            directory = Path(self.output_dir)
+            directory.mkdir(parents=True, exist_ok=True)
+            self._write_csv(directory / "aum_values.csv", *table)
+            if self.use_threshold_samples:
+                self._write_flags(directory / "aum_flags.csv", *table)
 
     # -- results -------------------------------------------------------------------------------
     def _require_values(self) -> tuple[SampleBuffer, SampleBuffer]:
@@ -304,48 +317,90 @@ class AUMCallback(SampleStateCallback):
             raise RuntimeError("AUMCallback has no margins yet: fit a model with it first")
         return self.margin_sum, self.margin_count
 
+    def _local_aum(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(index [R], aum [R] float64, seen [R] bool)`` of the rows this rank holds."""
+        total, count = self._require_values()
+        return total.index, total.values / count.values.to(torch.float64), count.values > 0
+
+    def local_aum(self) -> tuple[Tensor, Tensor]:
+        """``(index [R], aum [R])``: the rows this rank holds (all ``N`` unless the state is sharded)."""
+        index, aum, _ = self._local_aum()
+        return index, aum
+
     @property
     def aum(self) -> Tensor:
-        """``[N]`` float64 AUM of every sample (NaN for a sample with no recorded margin)."""
-        total, count = self._require_values()
-        return total.values / count.values.to(torch.float64)
+        """``[N]`` float64 AUM of every sample (NaN for a sample with no recorded margin).
+
+        With sharded state this gathers the ``N`` values onto every rank: a collective, read it on every rank.
+        """
+        total, _ = self._require_values()
+        return gather_scalars(self.local_aum()[1], total.layout.is_sharded, self.collective_device)
 
     @property
     def threshold(self) -> float:
-        """The AUM below which a sample is flagged: a percentile of the threshold samples' AUMs."""
-        _, count = self._require_values()
+        """The AUM below which a sample is flagged: a percentile of the threshold samples' AUMs (a collective when sharded)."""
+        total, _ = self._require_values()
         assert self.threshold_mask is not None
         if not self.use_threshold_samples:
             raise RuntimeError("AUMCallback(threshold_samples=False) has no threshold")
-        return aum_threshold(self.aum[self.threshold_mask & (count.values > 0)], self.percentile)
+        rows, aum, seen = self._local_aum()
+        threshold_aum = gather_scalars(aum[self.threshold_mask[rows] & seen], total.layout.is_sharded, self.collective_device)
+        return aum_threshold(threshold_aum, self.percentile)
 
     @property
     def flagged(self) -> Tensor:
-        """``[N]`` bool: ordinary samples whose AUM is below :attr:`threshold` (threshold samples never are)."""
-        _, count = self._require_values()
+        """``[N]`` bool: ordinary samples whose AUM is below :attr:`threshold` (threshold samples never are).
+
+        A collective when sharded, like :attr:`aum`.
+        """
+        total, _ = self._require_values()
         assert self.threshold_mask is not None
-        return (self.aum < self.threshold) & ~self.threshold_mask & (count.values > 0)
+        threshold = self.threshold
+        rows, aum, seen = self._local_aum()
+        flagged = (aum < threshold) & ~self.threshold_mask[rows] & seen
+        return gather_scalars(flagged, total.layout.is_sharded, self.collective_device)
+
+    def _table(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(aum [N], seen [N], flagged [N])`` of every sample, gathered when sharded (a collective)."""
+        total, count = self._require_values()
+        rows, aum, seen = self._local_aum()
+        sharded, device = total.layout.is_sharded, self.collective_device
+        flagged = torch.zeros_like(seen)
+        if self.use_threshold_samples:
+            assert self.threshold_mask is not None
+            flagged = (aum < self.threshold) & ~self.threshold_mask[rows] & seen
+        return tuple(gather_scalars(t, sharded, device) for t in (aum, seen, flagged))  # type: ignore[return-value]
 
     def save_csv(self, path: str | Path) -> None:
-        """Write ``sample_id,aum`` for every sample seen, largest AUM first, as the ``aum`` package does."""
-        _, count = self._require_values()
-        ids = torch.nonzero(count.values > 0).squeeze(1)
-        values = self.aum[ids]
+        """Write ``sample_id,aum`` for every sample seen, largest AUM first, as the ``aum`` package does.
+
+        Gathers the AUMs when sharded: call it on every rank (each writes ``path``), or let ``output_dir`` do it.
+        """
+        self._write_csv(path, *self._table())
+
+    def save_flags(self, path: str | Path) -> None:
+        """Write ``sample_id,aum,threshold_sample,flagged`` for every sample seen (input of the two-run rule).
+
+        Gathers the AUMs when sharded, like :meth:`save_csv`.
+        """
+        self._write_flags(path, *self._table())
+
+    @staticmethod
+    def _write_csv(path: str | Path, aum: Tensor, seen: Tensor, flagged: Tensor) -> None:
+        ids = torch.nonzero(seen).squeeze(1)
+        values = aum[ids]
         order = torch.sort(values, descending=True, stable=True).indices
         with open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(AUM_CSV_COLUMNS)
             writer.writerows((int(ids[i]), repr(float(values[i]))) for i in order)
 
-    def save_flags(self, path: str | Path) -> None:
-        """Write ``sample_id,aum,threshold_sample,flagged`` for every sample seen (input of the two-run rule)."""
-        _, count = self._require_values()
+    def _write_flags(self, path: str | Path, aum: Tensor, seen: Tensor, flagged: Tensor) -> None:
         assert self.threshold_mask is not None
-        aum, flagged = self.aum, self.flagged
         with open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(FLAG_CSV_COLUMNS)
-            for i in torch.nonzero(count.values > 0).squeeze(1).tolist():
+            for i in torch.nonzero(seen).squeeze(1).tolist():
                 writer.writerow((i, repr(float(aum[i])), int(self.threshold_mask[i]), int(flagged[i])))
 
     # -- checkpointing -------------------------------------------------------------------------

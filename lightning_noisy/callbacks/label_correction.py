@@ -298,8 +298,7 @@ class LabelCorrectionCallback(SampleStateCallback):
         labels, given = self.training_labels, self._labels
         sums = torch.zeros(3, dtype=torch.float64)  # changed, recovered, entropy (nats), over the rows held
         confidence = []
-        for begin in range(0, given.layout.num_rows, 1 << 16):
-            index = torch.arange(begin, min(begin + (1 << 16), given.layout.num_rows)) + given.start
+        for index in given.chunks():
             rows = given.read(index)
             hard = rows.argmax(1)
             sums[0] += int((hard != labels.noisy[index]).sum())

@@ -14,10 +14,8 @@ import torch
 from torch import Tensor
 
 from lightning_noisy.state.layout import RowLayout
-from lightning_noisy.state.storage import RowParts, RowStore
+from lightning_noisy.state.storage import RowParts, RowStore, chunk_rows
 
-#: rows decoded at once when a whole block is reduced (bounds the float32 working copy of top-k rows)
-CHUNK_ROWS = 1 << 16
 
 
 def _check_index(index: Tensor, num_samples: int) -> Tensor:
@@ -63,10 +61,11 @@ class _Rows:
         """``[R]`` int64 dataset indices of the rows held (``arange(start, stop)``)."""
         return torch.arange(self.layout.start, self.layout.stop)
 
-    def chunks(self, chunk_rows: int = CHUNK_ROWS) -> Iterator[Tensor]:
-        """``[U]`` dataset indices of the rows held, ``chunk_rows`` at a time (to bound working copies)."""
-        for begin in range(0, self.layout.num_rows, chunk_rows):
-            yield torch.arange(begin, min(begin + chunk_rows, self.layout.num_rows)) + self.layout.start
+    def chunks(self) -> Iterator[Tensor]:
+        """``[U]`` dataset indices of the rows held, a chunk of at most 2^24 values at a time (bounded copies)."""
+        step = chunk_rows(self.value_shape)
+        for begin in range(0, self.layout.num_rows, step):
+            yield torch.arange(begin, min(begin + step, self.layout.num_rows)) + self.layout.start
 
     def _local(self, index: Tensor) -> Tensor:
         """Row numbers in the block of the dataset indices ``index``; refused outside the block."""
@@ -350,19 +349,21 @@ class SampleRunningMean(_Rows):
             raise ValueError(f"values must have shape {(rows.shape[0], *self.value_shape)}, got {tuple(values.shape)}")
         if rows.unique().numel() != rows.numel():
             raise ValueError("index must not repeat a sample; reduce duplicates first (see reduce_by_index)")
-        for begin in range(0, rows.shape[0], CHUNK_ROWS):  # bounded float32 working copies
-            chunk = rows[begin : begin + CHUNK_ROWS].to(self.visits.device)
+        step = chunk_rows(self.value_shape)
+        for begin in range(0, rows.shape[0], step):  # bounded float32 working copies
+            chunk = rows[begin : begin + step].to(self.visits.device)
             weight = (self.visits[chunk] + 1).clamp(max=self.window).to(torch.float32)
             mean = self.store.read(chunk)
-            step = (values[begin : begin + CHUNK_ROWS].to(mean.device, torch.float32) - mean)
-            self.store.write(chunk, mean + step / weight.view(-1, *([1] * len(self.value_shape))))
+            change = values[begin : begin + step].to(mean.device, torch.float32) - mean
+            self.store.write(chunk, mean + change / weight.view(-1, *([1] * len(self.value_shape))))
             self.visits[chunk] += 1
 
     def append_parts(self, index: Tensor, parts: RowParts) -> None:
         """:meth:`append` of values in this store's stored form (decoded here, a chunk at a time)."""
-        for begin in range(0, index.shape[0], CHUNK_ROWS):
-            piece = {name: part[begin : begin + CHUNK_ROWS] for name, part in parts.items()}
-            self.append(index[begin : begin + CHUNK_ROWS], self.store.decode(piece))
+        step = chunk_rows(self.value_shape)
+        for begin in range(0, index.shape[0], step):
+            piece = {name: part[begin : begin + step] for name, part in parts.items()}
+            self.append(index[begin : begin + step], self.store.decode(piece))
 
     def mean(self, index: Tensor | None = None) -> Tensor:
         """``[R, *S]`` (or ``[U, *S]``) float32 running means; zeros for a sample never visited."""

@@ -4,7 +4,8 @@ Three movements, each a collective that every rank calls:
 
 - :func:`send_to_owners`: this rank's records go to the ranks that own their rows (the epoch boundary);
 - :func:`fetch_rows`: this rank asks the owners for the rows of given samples (before it trains on them);
-- :func:`gather_to_rank_zero`: every block of a state goes to rank 0 (what a checkpoint writes).
+- :func:`gather_to_rank_zero`: every block of a state goes to rank 0 (what a checkpoint writes);
+- :func:`sum_to_owners`: dense per-rank partial sums, added up for the rows each rank owns.
 
 Received bytes are added to :data:`traffic`, which the benchmarks read.
 """
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_noisy.state.gather import from_row_bytes, is_distributed, row_bytes
+from lightning_noisy.state.gather import all_gather_uneven, from_row_bytes, is_distributed, row_bytes
 from lightning_noisy.state.layout import RowLayout
 from lightning_noisy.state.storage import RowParts
 
@@ -119,3 +120,27 @@ def gather_to_rank_zero(tensor: Tensor, layout: RowLayout, device: torch.device 
     receive = rows if layout.rank == 0 else [0] * layout.world_size
     out = _all_to_all(tensor.to(device), send, receive).cpu()
     return out if layout.rank == 0 else None
+
+
+def sum_to_owners(tensor: Tensor, layout: RowLayout, device: torch.device | str = "cpu") -> Tensor:
+    """Every rank's dense ``[N, *S]`` partial sums, added up in rank order. A collective.
+
+    With a sharded layout each rank receives only its block's partial sums from the others (one
+    all-to-all) and returns its rows ``[R, *S]``; otherwise every rank receives every partial sum
+    (all-gather) and returns all ``[N, *S]``. Both add the ranks' parts in the same order, rank 0 first,
+    so a sharded sum equals the replicated one bit for bit (an all-reduce leaves the order to the backend).
+    """
+    if not is_distributed():
+        return tensor[layout.start : layout.stop]
+    device = torch.device(device)
+    world = dist.get_world_size()
+    if layout.is_sharded:
+        sizes = [stop - start for start, stop in map(layout.block, range(world))]
+        parts = _all_to_all(tensor.to(device), sizes, [layout.num_rows] * world).view(world, layout.num_rows, *tensor.shape[1:])
+    else:
+        parts = torch.stack(all_gather_uneven(tensor.to(device)))
+        traffic.add(parts)
+    total = parts[0].clone()
+    for part in parts[1:]:  # rank order; a loop over ranks, not samples
+        total += part
+    return total.to(tensor.device)

@@ -17,8 +17,16 @@ from torch import Tensor
 StorageDtype = Literal["float32", "bfloat16", "float16"]
 STORAGE_DTYPES: tuple[str, ...] = get_args(StorageDtype)
 _TINY = torch.finfo(torch.float32).tiny
-#: rows initialised at once from a fill function
-FILL_CHUNK_ROWS = 1 << 16
+#: values (rows x entries) decoded or computed at once when a whole block is processed: 64 MiB of float32
+CHUNK_VALUES = 1 << 24
+
+
+def chunk_rows(value_shape: tuple[int, ...]) -> int:
+    """Rows of shape ``value_shape`` that make one chunk of at most :data:`CHUNK_VALUES` values."""
+    size = 1
+    for dim in value_shape:
+        size *= int(dim)
+    return max(1, CHUNK_VALUES // size)
 
 
 @dataclass(frozen=True)
@@ -160,8 +168,9 @@ class RowStore:
                 raise ValueError(f"fill must be a scalar or a tensor of shape {shape}, got {tuple(fill.shape)}")
             self.write(torch.arange(self.num_rows), fill.detach())
         elif callable(fill):
-            for begin in range(0, self.num_rows, FILL_CHUNK_ROWS):
-                rows = torch.arange(begin, min(begin + FILL_CHUNK_ROWS, self.num_rows))
+            step = chunk_rows(self.value_shape)
+            for begin in range(0, self.num_rows, step):
+                rows = torch.arange(begin, min(begin + step, self.num_rows))
                 self.write(rows, fill(rows))
 
     @property
