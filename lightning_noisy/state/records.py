@@ -122,11 +122,28 @@ class SampleRecorder:
         self.dtype = dtype
         self.codec = RowCodec(self.value_shape, dtype, topk)
         self.round_rows = max(1, int(round_bytes) // self.codec.row_bytes())
-        self._index: list[Tensor] = []
-        self._parts: list[RowParts] = []
+        # records go into buffers that double when full: a few large allocations per epoch, not one small
+        # one per step that would outlive the step's large temporaries and fragment the heap
+        self._index = torch.empty(0, dtype=torch.long)
+        self._parts: RowParts = self.codec.empty(0)
+        self._size = 0
+        self._taken = 0
 
     def __len__(self) -> int:
-        return sum(int(i.shape[0]) for i in self._index)
+        return self._size - self._taken
+
+    def _reserve(self, rows: int, device: torch.device) -> None:
+        capacity = self._index.shape[0]
+        if self._size + rows <= capacity and self._index.device == device:
+            return
+        capacity = max(2 * capacity, self._size + rows, 4096)
+        index = torch.empty(capacity, dtype=torch.long, device=device)  # untouched pages cost no memory yet
+        index[: self._size] = self._index[: self._size]
+        parts = {}
+        for name, part in self._parts.items():
+            parts[name] = part.new_empty((capacity, *part.shape[1:]), device=device)
+            parts[name][: self._size] = part[: self._size]
+        self._index, self._parts = index, parts
 
     def add(self, index: Tensor, values: Tensor) -> None:
         """Record ``values [B, *S]`` for the samples ``index [B]``."""
@@ -135,13 +152,18 @@ class SampleRecorder:
                 f"expected index [B] and values [B, {', '.join(map(str, self.value_shape))}], "
                 f"got index {tuple(index.shape)} and values {tuple(values.shape)}"
             )
-        self._index.append(index.detach().to(torch.long))
-        self._parts.append(self.codec.encode(values.detach()))
+        parts = self.codec.encode(values.detach())
+        rows = int(index.shape[0])
+        self._reserve(rows, values.device)
+        self._index[self._size : self._size + rows] = index.detach()
+        for name, part in parts.items():
+            self._parts[name][self._size : self._size + rows] = part
+        self._size += rows
 
     def clear(self) -> None:
-        """Drop the records of this rank."""
-        self._index.clear()
-        self._parts.clear()
+        """Drop the records of this rank (and their buffers)."""
+        self._index, self._parts = torch.empty(0, dtype=torch.long), self.codec.empty(0)
+        self._size = self._taken = 0
 
     def gather(
         self, device: torch.device | str = "cpu", reduction: Reduction = "mean", layout: RowLayout | None = None
@@ -172,6 +194,7 @@ class SampleRecorder:
             index, parts = self._send_to_owners(layout, device)
             return reduce_parts(index, parts, self.codec, reduction)
         index, parts = self._take(len(self), device)
+        self.clear()
         all_index = _concatenate(all_gather_uneven(index)).cpu()
         del index
         all_parts = {}
@@ -181,18 +204,11 @@ class SampleRecorder:
         return reduce_parts(all_index, all_parts, self.codec, reduction)
 
     def _take(self, rows: int, device: torch.device) -> tuple[Tensor, RowParts]:
-        """Remove and concatenate the oldest pieces holding at least ``rows`` records (all, if fewer)."""
-        taken, count = 0, 0
-        while taken < len(self._index) and count < rows:
-            count += int(self._index[taken].shape[0])
-            taken += 1
-        index_pieces, part_pieces = self._index[:taken], self._parts[:taken]
-        del self._index[:taken], self._parts[:taken]
-        if not index_pieces:
-            return torch.empty(0, dtype=torch.long, device=device), self.codec.empty(0, device)
-        index = _concatenate([i.to(device) for i in index_pieces])
-        parts = {name: _concatenate([p[name].to(device) for p in part_pieces]) for name in part_pieces[0]}
-        return index, parts
+        """The oldest ``rows`` records not yet taken (all, if fewer), on ``device``."""
+        begin, end = self._taken, min(self._taken + rows, self._size)
+        self._taken = end
+        index = self._index[begin:end].to(device)
+        return index, {name: part[begin:end].to(device) for name, part in self._parts.items()}
 
     def _send_to_owners(self, layout: RowLayout, device: torch.device) -> tuple[Tensor, RowParts]:
         """All records to their owners in rounds of at most ``round_rows`` per rank; in all-gather order."""
