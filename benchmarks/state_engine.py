@@ -195,7 +195,7 @@ def extrapolate(rows: list[dict[str, Any]], world: int = 64) -> None:
     A measured row's state and traffic per owned row are scaled to the target's rows per rank; dense rows
     also scale with ``C_target / C`` (top-k rows do not depend on ``C``). Replicated state is ``N`` rows per rank.
     """
-    print(f"| measured on | storage | target | W | state/rank GiB | received/rank/epoch GiB |")
+    print("| measured on | storage | target | W | state/rank GiB | received/rank/epoch GiB |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         if "state_bytes_per_rank" not in row:

@@ -218,3 +218,25 @@ def test_saved_labels_feed_step_two_through_a_file(tmp_path: Path) -> None:
     data = MNIST1DDataModule(num_samples=N * 10, train_split=0.1, noise_type="file", noise_file=str(path))
     with pytest.raises(ValueError, match="num_classes=10 disagrees with the 3 classes stored"):
         data.setup("fit")
+
+
+@pytest.mark.parametrize(("storage", "tolerance"), [({"storage_dtype": "bfloat16"}, 2.0**-8), ({"storage_topk": 2}, None)])
+def test_compact_storage_serves_distributions_close_to_float32(storage: dict[str, Any], tolerance: float | None) -> None:
+    """bfloat16 rows are within its rounding of the float32 labels; top-2 rows keep the two largest, renormalised."""
+    runs = {}
+    for name, options in (("dense", {}), ("compact", storage)):
+        model = ScriptedClassifier()
+        callback = LabelCorrectionCallback(update="soft", num_average_epochs=2, start_epoch=1, **options)
+        trainer(max_epochs=3, callbacks=[callback]).fit(model, DataLoader(scripted_data(), batch_size=5))
+        runs[name] = (callback.labels, torch.cat(model.received_targets[-2:]))
+    dense, compact = runs["dense"][0], runs["compact"][0]
+    torch.testing.assert_close(compact.sum(1), torch.ones(N))  # served as distributions
+    torch.testing.assert_close(runs["compact"][1].sum(1), torch.ones(N))
+    if tolerance is not None:  # rounding to bfloat16, then renormalising: a few units of 2^-8 at most
+        assert bool(((compact - dense).abs() <= 4 * tolerance * dense + 1e-6).all())
+    else:  # each epoch's prediction is kept as its top 2, their K = 2 mean's top 2 is the label
+        def top2(rows: torch.Tensor) -> torch.Tensor:
+            best = rows.topk(2, dim=1)
+            return torch.zeros_like(rows).scatter_(1, best.indices, best.values / best.values.sum(1, keepdim=True))
+
+        torch.testing.assert_close(compact, top2((top2(TABLE[1]) + top2(TABLE[2])) / 2))

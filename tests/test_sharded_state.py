@@ -301,6 +301,11 @@ class LabelsToFile(LabelCorrectionCallback):
         if trainer.is_global_zero:
             torch.save(restored, self.out + ".start")
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        assert self._fetcher is not None
+        self.planned = self._fetcher.planned
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         labels, held = self.labels, self.local_labels()[0]
         monitor = next(c for c in trainer.callbacks if isinstance(c, NoisyLabelMonitor))
@@ -310,7 +315,7 @@ class LabelsToFile(LabelCorrectionCallback):
         if trainer.is_global_zero:
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("noisy/")}
             torch.save({"labels": labels, "weights": pl_module.state_dict(), "updates": self.num_updates,
-                        "rows_held": held.shape[0], "monitor_rows_held": monitor.losses.values.shape[0],
+                        "rows_held": held.shape[0], "planned": self.planned, "monitor_rows_held": monitor.losses.values.shape[0],
                         "losses": losses, "predictions": predictions, "aum": aum, "metrics": metrics}, self.out)
 
 
@@ -365,6 +370,7 @@ def test_sharded_fit_equals_replicated_fit(tmp_path: Path, devices: int, case: d
     replicated = _fit(tmp_path / "replicated.pt", devices, False, **case)
     assert sharded["rows_held"] == sharded["monitor_rows_held"] == -(-29 // devices)  # rank 0's rows
     assert replicated["rows_held"] == replicated["monitor_rows_held"] == 29
+    assert sharded["planned"] == (case.get("sampler", "distributed") == "distributed")  # window or per-batch fetch
     _assert_same_run(sharded, replicated)
     assert not torch.equal(sharded["labels"], F.one_hot(toy_dataset(n=29, noisy_every=4).noisy_labels, 3).float())
 

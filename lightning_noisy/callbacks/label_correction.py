@@ -131,17 +131,17 @@ class LabelCorrectionCallback(SampleStateCallback):
 
     @property
     def labels(self) -> Tensor:
-        """``[N, C]`` float32 current label distributions (one-hot rows for hard rules).
+        """``[N, C]`` float32 current label distributions (one-hot rows for hard rules), renormalised when stored compactly.
 
         With sharded state this gathers the whole table onto every rank: a collective, read it on every
         rank during the fit. :meth:`local_labels` gives this rank's block without communication.
         """
-        return gather_rows(self._require_labels(), self.collective_device)
+        return self._distributions(gather_rows(self._require_labels(), self.collective_device))
 
     def local_labels(self) -> tuple[Tensor, Tensor]:
         """``(index [R], labels [R, C])``: the rows this rank holds (all ``N`` unless the state is sharded)."""
         labels = self._require_labels()
-        return labels.index, labels.values
+        return labels.index, self._distributions(labels.values)
 
     @property
     def hard_labels(self) -> Tensor:
@@ -237,7 +237,15 @@ class LabelCorrectionCallback(SampleStateCallback):
             return  # the labels are still the given ones (the same on every rank, so no rank fetches)
         assert self._fetcher is not None
         rows = self._fetcher.rows(context.index)
-        self.contract.set_targets(rows if self.update == "soft" else rows.argmax(1))  # type: ignore[union-attr]
+        self.contract.set_targets(self._distributions(rows) if self.update == "soft" else rows.argmax(1))  # type: ignore[union-attr]
+
+    def _distributions(self, rows: Tensor) -> Tensor:
+        """Stored label rows as distributions: compact storage (bfloat16, float16, top-k) rounds their sums,
+        so they are renormalised in float32; float32 dense rows are served as stored."""
+        options = self.state_options
+        if options.storage_dtype == "float32" and options.storage_topk is None:
+            return rows
+        return rows / rows.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
     @override
     def on_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:

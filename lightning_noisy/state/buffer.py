@@ -139,8 +139,9 @@ class SampleBuffer(_Rows):
 
     @property
     def values(self) -> Tensor:
-        """``[R, *S]`` the rows held (float32 for float storage; a decoded copy for top-k storage)."""
-        return self.store.data if self.store.topk is None else self.store.read()
+        """``[R, *S]`` the rows held: float32 for float storage (the stored tensor itself when float32 and
+        dense, else a decoded copy), the stored dtype otherwise."""
+        return self.store.read()
 
     def read(self, index: Tensor) -> Tensor:
         """``[U, *S]`` values of the samples ``index [U]`` (in this block)."""

@@ -51,6 +51,11 @@ class RowFetcher:
         self.peak_rows = 0
         self.peak_bytes = 0
 
+    @property
+    def planned(self) -> bool:
+        """Whether this epoch's batches are known ahead (rows fetched a window at a time), else per batch."""
+        return self._plan is not None
+
     def start_epoch(self, plan: Iterator[Tensor] | None) -> None:
         """Begin an epoch whose batches are ``plan`` (or unknown: ``None``); drops the rows held."""
         self._plan, self._position = plan, 0
