@@ -139,8 +139,8 @@ class SampleBuffer(_Rows):
 
     @property
     def values(self) -> Tensor:
-        """``[R, *S]`` the rows held: float32 for float storage (the stored tensor itself when float32 and
-        dense, else a decoded copy), the stored dtype otherwise."""
+        """``[R, *S]`` the rows held: float32 for 16-bit float or top-k storage (a decoded copy), else the
+        stored tensor itself."""
         return self.store.read()
 
     def read(self, index: Tensor) -> Tensor:

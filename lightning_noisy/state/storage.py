@@ -119,10 +119,10 @@ class RowCodec:
         return {"top": top.to(self.dtype), "classes": classes.to(_class_dtype(self.value_shape[0]))}
 
     def decode(self, parts: RowParts) -> Tensor:
-        """``[M, *S]`` rows from their stored form: float32 for float storage, the dtype itself otherwise."""
+        """``[M, *S]`` rows from their stored form: float32 for 16-bit floats, the stored dtype otherwise."""
         if self.topk is None:
             data = parts["data"]
-            return data.float() if data.is_floating_point() else data
+            return data.float() if data.dtype in (torch.float16, torch.bfloat16) else data
         return dense_rows(parts["top"], parts["classes"], self.value_shape[0])
 
     def row_bytes(self) -> int:
@@ -133,7 +133,7 @@ class RowCodec:
 class RowStore:
     """``R`` rows of shape ``S`` stored by a :class:`RowCodec`: ``dtype``, and ``[R, C]`` rows optionally as top-k.
 
-    Reads return float32 for float storage (the dtype itself otherwise, e.g. int64 predictions).
+    Reads return float32 for 16-bit float storage, the stored dtype otherwise (float64 sums, int64 predictions).
 
     Args:
         num_rows: ``R``.
@@ -188,7 +188,7 @@ class RowStore:
         return next(iter(self._parts.values())).device
 
     def read(self, rows: Tensor | None = None) -> Tensor:
-        """``[len(rows), *S]`` rows (all when ``None``), float32 for float storage."""
+        """``[len(rows), *S]`` rows (all when ``None``), float32 for 16-bit float storage."""
         return self.codec.decode(self._parts if rows is None else self.parts_of(rows))
 
     def write(self, rows: Tensor, values: Tensor, add: bool = False) -> None:
