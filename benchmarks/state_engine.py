@@ -210,8 +210,8 @@ def extrapolate(rows: list[dict[str, Any]], world: int = 64) -> None:
             scale = 1.0 if row["storage_topk"] else c / row["num_classes"]
             target_rows = n if row["mode"] == "replicated" else -(-n // world)
             print(f"| {row['mode']} {row['num_samples']:.0e} x {row['num_classes']}, W={row['world_size']} | {storage} "
-                  f"| {name} | {world} | {state_row * scale * target_rows / 2**30:.2f} "
-                  f"| {received_row * scale * target_rows / 2**30:.2f} |")
+                  f"| {name} | {world} | {state_row * scale * target_rows / 2**30:.3f} "
+                  f"| {received_row * scale * target_rows / 2**30:.3f} |")
 
 
 def _gib(value: Any) -> str:

@@ -285,12 +285,11 @@ class LabelCorrectionCallback(SampleStateCallback):
     def _update_top_k(self, device: torch.device) -> None:
         """``"hard_topk"``: the ``top_k`` most disagreeing labels of the whole table, chosen across blocks."""
         assert self._labels is not None and self._history is not None
-        gaps, predicted, rows = [], [], []
+        pieces = []
         for index in self._history.chunks():
             index = index[self._history.visits[index - self._history.start] > 0]
-            gap, top_class = disagreement(self._labels.read(index), self._history.mean(index))
-            gaps.append(gap), predicted.append(top_class), rows.append(index)
-        gap, top_class, index = torch.cat(gaps), torch.cat(predicted), torch.cat(rows)
+            pieces.append((*disagreement(self._labels.read(index), self._history.mean(index)), index))
+        gap, top_class, index = (torch.cat(column) for column in zip(*pieces))
         chosen = most_disagreeing(gap, index, self.top_k)  # this block's candidates, then the union's
         if self._labels.layout.is_sharded and is_distributed():
             candidates = torch.isin(index, chosen)

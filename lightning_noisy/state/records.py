@@ -214,18 +214,14 @@ class SampleRecorder:
         """All records to their owners in rounds of at most ``round_rows`` per rank; in all-gather order."""
         rounds = torch.tensor([-(-len(self) // self.round_rows)], dtype=torch.long, device=device)
         dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
-        index_pieces, part_pieces, source_pieces = [], [], []
-        for _ in range(int(rounds)):
-            index, parts = self._take(self.round_rows, device)
-            index, parts, source = send_to_owners(index, parts, layout, device)
-            index_pieces.append(index), part_pieces.append(parts), source_pieces.append(source)
+        received = [send_to_owners(*self._take(self.round_rows, device), layout, device) for _ in range(int(rounds))]
         self.clear()
-        if not index_pieces:
+        if not received:
             return torch.empty(0, dtype=torch.long), self.codec.empty(0)
         # rounds interleave the sources: order by source rank (stable), as one all-gather would have them
-        order = torch.argsort(torch.cat(source_pieces), stable=True)
-        index = torch.cat(index_pieces)[order]
-        parts = {name: torch.cat([p[name] for p in part_pieces])[order] for name in part_pieces[0]}
+        order = torch.argsort(torch.cat([source for _, _, source in received]), stable=True)
+        index = torch.cat([index for index, _, _ in received])[order]
+        parts = {name: torch.cat([parts[name] for _, parts, _ in received])[order] for name in self.codec.empty(0)}
         return index, parts
 
 
