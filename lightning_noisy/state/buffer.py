@@ -275,9 +275,9 @@ class SampleHistory(_Rows):
         rows = None if index is None else self._local(index)
         visits = self.visits if rows is None else self.visits[rows]
         count = visits.clamp(max=self.window, min=1).to(torch.float32)
-        total = self.slots[0].read(rows).clone()  # a read of all rows may be the stored tensor itself
-        for slot in self.slots[1:]:  # slots never written are zero
-            total += slot.read(rows)
+        total = torch.zeros((visits.shape[0], *self.value_shape), dtype=torch.float32, device=visits.device)
+        for slot in self.slots:  # in slot order; slots never written are zero
+            slot.add_to(total, rows)
         return total / count.view(-1, *([1] * len(self.value_shape)))
 
     def state_dict(self) -> dict[str, Any]:

@@ -191,6 +191,14 @@ class RowStore:
         """``[len(rows), *S]`` rows (all when ``None``), float32 for 16-bit float storage."""
         return self.codec.decode(self._parts if rows is None else self.parts_of(rows))
 
+    def add_to(self, total: Tensor, rows: Tensor | None = None) -> None:
+        """``total [len(rows), *S] += `` the rows, in float32; top-k rows are scattered in, never made dense."""
+        parts = self._parts if rows is None else self.parts_of(rows)
+        if self.topk is None:
+            total += parts["data"].to(total.dtype)
+        else:
+            total.scatter_add_(1, parts["classes"].to(torch.long), parts["top"].to(total.dtype))
+
     def write(self, rows: Tensor, values: Tensor, add: bool = False) -> None:
         """Store ``values [len(rows), *S]`` at ``rows`` (distinct local row numbers), replacing or adding."""
         rows = rows.to(self.device)
