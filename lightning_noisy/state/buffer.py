@@ -77,6 +77,15 @@ class _Rows:
             )
         return index - self.layout.start
 
+    def _unique_rows(self, index: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+        """Row numbers of the distinct samples ``index [U]``, checked against values of ``shape``."""
+        rows = self._local(index)
+        if tuple(shape) != (rows.shape[0], *self.value_shape):
+            raise ValueError(f"values must have shape {(rows.shape[0], *self.value_shape)}, got {tuple(shape)}")
+        if rows.unique().numel() != rows.numel():
+            raise ValueError("index must not repeat a sample; reduce duplicates first (see reduce_by_index)")
+        return rows.to(self.visits.device)
+
     def _check_rows(self, state: dict[str, Any], name: str, storage: dict[str, Any]) -> None:
         got = (int(state.get("num_samples", -1)), tuple(state.get("value_shape", ())))
         if got != (self.num_samples, self.value_shape):
@@ -158,15 +167,9 @@ class SampleBuffer(_Rows):
         """
         if mode not in ("replace", "add"):
             raise ValueError(f"mode must be 'replace' or 'add', got {mode!r}")
-        rows = self._local(index)
-        if tuple(values.shape) != (rows.shape[0], *self.value_shape):
-            raise ValueError(
-                f"values must have shape {(rows.shape[0], *self.value_shape)}, got {tuple(values.shape)}"
-            )
-        if rows.unique().numel() != rows.numel():
-            raise ValueError("index must not repeat a sample; reduce duplicates first (see reduce_by_index)")
+        rows = self._unique_rows(index, values.shape)
         self.store.write(rows, values, add=mode == "add")
-        self.visits[rows.to(self.visits.device)] += 1
+        self.visits[rows] += 1
 
     @property
     def visited(self) -> Tensor:
@@ -244,21 +247,13 @@ class SampleHistory(_Rows):
 
     def append(self, index: Tensor, values: Tensor) -> None:
         """Append ``values [U, *S]`` for the unique samples ``index [U]``; all-or-nothing."""
-        rows = self._check_append(index, values.shape)
+        rows = self._unique_rows(index, values.shape)
         self._append_parts(rows, self.slots[0].codec.encode(values))
 
     def append_parts(self, index: Tensor, parts: RowParts) -> None:
         """:meth:`append` of values already in this history's stored form (``RowCodec.encode``), written as is."""
-        rows = self._check_append(index, (next(iter(parts.values())).shape[0], *self.value_shape))
+        rows = self._unique_rows(index, (next(iter(parts.values())).shape[0], *self.value_shape))
         self._append_parts(rows, parts)
-
-    def _check_append(self, index: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
-        rows = self._local(index)
-        if tuple(shape) != (rows.shape[0], *self.value_shape):
-            raise ValueError(f"values must have shape {(rows.shape[0], *self.value_shape)}, got {tuple(shape)}")
-        if rows.unique().numel() != rows.numel():
-            raise ValueError("index must not repeat a sample; reduce duplicates first (see reduce_by_index)")
-        return rows.to(self.visits.device)
 
     def _append_parts(self, rows: Tensor, parts: RowParts) -> None:
         slot_of_row = self.visits[rows] % self.window
@@ -345,14 +340,10 @@ class SampleRunningMean(_Rows):
 
     def append(self, index: Tensor, values: Tensor) -> None:
         """Move the means of the unique samples ``index [U]`` towards ``values [U, *S]``; all-or-nothing."""
-        rows = self._local(index)
-        if tuple(values.shape) != (rows.shape[0], *self.value_shape):
-            raise ValueError(f"values must have shape {(rows.shape[0], *self.value_shape)}, got {tuple(values.shape)}")
-        if rows.unique().numel() != rows.numel():
-            raise ValueError("index must not repeat a sample; reduce duplicates first (see reduce_by_index)")
+        rows = self._unique_rows(index, values.shape)
         step = chunk_rows(self.value_shape)
         for begin in range(0, rows.shape[0], step):  # bounded float32 working copies
-            chunk = rows[begin : begin + step].to(self.visits.device)
+            chunk = rows[begin : begin + step]
             weight = (self.visits[chunk] + 1).clamp(max=self.window).to(torch.float32)
             mean = self.store.read(chunk)
             change = values[begin : begin + step].to(mean.device, torch.float32) - mean
