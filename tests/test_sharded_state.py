@@ -32,6 +32,7 @@ def test_layout_blocks_follow_tensor_split_and_owner_finds_them() -> None:
     layouts = [RowLayout(10, 3, r) for r in range(3)]
     assert [(lay.start, lay.stop) for lay in layouts] == [(0, 4), (4, 7), (7, 10)]
     assert [lay.num_rows for lay in layouts] == [len(p) for p in torch.tensor_split(torch.arange(10), 3)]
+    assert layouts[2].block_sizes == [4, 3, 3]
     assert layouts[0].offsets.tolist() == [0, 4, 7, 10]
     assert layouts[1].owner(torch.tensor([0, 3, 4, 6, 7, 9])).tolist() == [0, 0, 1, 1, 2, 2]
     assert RowLayout(2, 4, 3).num_rows == 0 and RowLayout(2, 4, 1).block(1) == (1, 2)  # more ranks than rows

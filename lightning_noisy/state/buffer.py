@@ -46,10 +46,20 @@ def _storage_of(store: RowStore) -> dict[str, Any]:
 class _Rows:
     """What buffers and histories share: the block of rows owned, index checks and checkpoint rows."""
 
-    num_samples: int
-    value_shape: tuple[int, ...]
-    layout: RowLayout
-    visits: Tensor
+    def __init__(
+        self,
+        num_samples: int,
+        value_shape: tuple[int, ...],
+        device: torch.device | str,
+        layout: RowLayout | None,
+        window: int | None = None,
+    ) -> None:
+        if window is not None and int(window) < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.layout = _layout(num_samples, layout)
+        self.num_samples = int(num_samples)
+        self.value_shape = tuple(int(d) for d in value_shape)
+        self.visits = torch.zeros(self.layout.num_rows, dtype=torch.long, device=device)
 
     @property
     def start(self) -> int:
@@ -137,14 +147,11 @@ class SampleBuffer(_Rows):
         layout: RowLayout | None = None,
         topk: int | None = None,
     ) -> None:
-        self.layout = _layout(num_samples, layout)
-        self.num_samples = int(num_samples)
-        self.value_shape = tuple(int(d) for d in value_shape)
+        super().__init__(num_samples, value_shape, device, layout)
         if callable(fill) and not isinstance(fill, Tensor):
             start, fill_indices = self.layout.start, fill
             fill = lambda rows: fill_indices(rows + start)  # noqa: E731  (row numbers -> dataset indices)
         self.store = RowStore(self.layout.num_rows, self.value_shape, dtype, topk, fill, device)
-        self.visits = torch.zeros(self.layout.num_rows, dtype=torch.long, device=device)
 
     @property
     def values(self) -> Tensor:
@@ -225,15 +232,10 @@ class SampleHistory(_Rows):
         layout: RowLayout | None = None,
         topk: int | None = None,
     ) -> None:
-        if int(window) < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        self.layout = _layout(num_samples, layout)
-        self.num_samples = int(num_samples)
+        super().__init__(num_samples, value_shape, device, layout, window)
         self.window = int(window)
-        self.value_shape = tuple(int(d) for d in value_shape)
         rows = self.layout.num_rows
         self.slots = [RowStore(rows, self.value_shape, dtype, topk, 0.0, device) for _ in range(self.window)]
-        self.visits = torch.zeros(rows, dtype=torch.long, device=device)
 
     @property
     def entries(self) -> Tensor:
@@ -324,14 +326,9 @@ class SampleRunningMean(_Rows):
         layout: RowLayout | None = None,
         topk: int | None = None,
     ) -> None:
-        if int(window) < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        self.layout = _layout(num_samples, layout)
-        self.num_samples = int(num_samples)
+        super().__init__(num_samples, value_shape, device, layout, window)
         self.window = int(window)
-        self.value_shape = tuple(int(d) for d in value_shape)
         self.store = RowStore(self.layout.num_rows, self.value_shape, dtype, topk, 0.0, device)
-        self.visits = torch.zeros(self.layout.num_rows, dtype=torch.long, device=device)
 
     @property
     def nbytes(self) -> int:

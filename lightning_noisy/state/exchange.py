@@ -115,9 +115,8 @@ def gather_to_rank_zero(tensor: Tensor, layout: RowLayout, device: torch.device 
     if not is_distributed():
         return tensor
     device = torch.device(device)
-    rows = [stop - start for start, stop in map(layout.block, range(layout.world_size))]
     send = [tensor.shape[0]] + [0] * (layout.world_size - 1)
-    receive = rows if layout.rank == 0 else [0] * layout.world_size
+    receive = layout.block_sizes if layout.rank == 0 else [0] * layout.world_size
     out = _all_to_all(tensor.to(device), send, receive).cpu()
     return out if layout.rank == 0 else None
 
@@ -135,8 +134,7 @@ def sum_to_owners(tensor: Tensor, layout: RowLayout, device: torch.device | str 
     device = torch.device(device)
     world = dist.get_world_size()
     if layout.is_sharded:
-        sizes = [stop - start for start, stop in map(layout.block, range(world))]
-        parts = _all_to_all(tensor.to(device), sizes, [layout.num_rows] * world).view(world, layout.num_rows, *tensor.shape[1:])
+        parts = _all_to_all(tensor.to(device), layout.block_sizes, [layout.num_rows] * world).view(world, layout.num_rows, *tensor.shape[1:])
     else:
         parts = torch.stack(all_gather_uneven(tensor.to(device)))
         traffic.add(parts)

@@ -42,6 +42,11 @@ class RowLayout:
         sizes[:extra] += 1
         return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
 
+    @property
+    def block_sizes(self) -> list[int]:
+        """Rows owned by each rank, in rank order."""
+        return [stop - start for start, stop in map(self.block, range(self.world_size))]
+
     def block(self, rank: int) -> tuple[int, int]:
         """``(start, stop)`` of the rows that ``rank`` owns."""
         base, extra = divmod(self.num_samples, self.world_size)
