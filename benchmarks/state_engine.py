@@ -12,6 +12,13 @@ every epoch's end, a K-epoch history), on W processes launched as W nodes of one
   (records and row fetches);
 - ``boundary_seconds``: the epoch-boundary work of the second epoch (records to owners, history, label update).
 
+With ``--checkpoint gather|dcp`` each configuration then saves a checkpoint (``Trainer.save_checkpoint``):
+``gather`` with Lightning's DDP strategy, which gathers each sharded buffer on rank 0, ``dcp`` with
+``ShardedStateDDPStrategy``, where each rank writes its rows with ``torch.distributed.checkpoint``. It adds
+``save_seconds``, ``save_received_bytes_per_rank``, ``save_peak_rss_bytes_per_rank`` (peak resident memory
+during the save, the peak counter reset before it), ``checkpoint_file_bytes`` and ``checkpoint_rows_bytes``
+(the directory of rows beside the file).
+
 Rows give the maximum over ranks (and ``peak_rss_bytes_sum``, the sum), one JSON row per configuration.
 A configuration whose estimated memory exceeds what the machine has free is skipped and says so.
 
@@ -105,21 +112,45 @@ def run_rank(args: argparse.Namespace) -> dict[str, Any]:
         history=args.history_form, fetch_window=args.fetch_window,
     )
     world = args.world_size[0]
+    strategy = ("ddp_sharded_state" if args.checkpoint == "dcp" else "ddp") if world > 1 else "auto"
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, num_nodes=world, strategy="ddp" if world > 1 else "auto", max_epochs=2,
+        accelerator="cpu", devices=1, num_nodes=world, strategy=strategy, max_epochs=2,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, callbacks=[callback],
     )
     loader = DataLoader(Records(), batch_size=args.batch_size, shuffle=True, collate_fn=_identity)
     trainer.fit(Synthetic(), loader)
     fetcher = callback._fetcher
+    figures = {}
+    if args.checkpoint is not None:
+        _reset_peak_rss()
+        received, start = traffic.received_bytes, time.perf_counter()
+        trainer.save_checkpoint(args.rank_out.parent / "state.ckpt")
+        figures = {"save_seconds": time.perf_counter() - start, "save_received_bytes": traffic.received_bytes - received,
+                   "save_peak_rss_bytes": _peak_rss_bytes()}
     return {
+        **figures,
         "state_bytes": callback.state_bytes,
         "fetch_bytes": 0 if fetcher is None else fetcher.peak_bytes,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
         "bytes_received": callback.received,
         "boundary_seconds": callback.boundary_seconds,
     }
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as handle:  # Linux >= 4.0: "5" resets the peak resident set size
+        handle.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        fields = dict(line.split(":", 1) for line in handle)
+    return int(fields["VmHWM"].split()[0]) * 1024
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
 # -- the launcher ---------------------------------------------------------------------------------------
@@ -167,6 +198,8 @@ def run_config(args: argparse.Namespace, n: int, c: int, world: int, mode: str) 
                        str(args.batch_size), "--fetch-window", str(args.fetch_window)]
             if args.storage_topk is not None:
                 command += ["--storage-topk", str(args.storage_topk)]
+            if args.checkpoint is not None:
+                command += ["--checkpoint", args.checkpoint]
             processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
         errors = [p.communicate()[1] for p in processes]
         if any(p.returncode != 0 for p in processes):
@@ -174,8 +207,16 @@ def run_config(args: argparse.Namespace, n: int, c: int, world: int, mode: str) 
             codes = [p.returncode for p in processes]
             return {**row, "failed": f"exit codes {codes}" + (f": {last[-1]}" if last else "")}
         ranks = [json.loads(Path(f"{out}/{rank}.json").read_text()) for rank in range(world)]
+        saved = {}
+        if args.checkpoint is not None:
+            saved = {"checkpoint": args.checkpoint, "save_seconds": max(r["save_seconds"] for r in ranks),
+                     "save_received_bytes_per_rank": max(r["save_received_bytes"] for r in ranks),
+                     "save_peak_rss_bytes_per_rank": max(r["save_peak_rss_bytes"] for r in ranks),
+                     "checkpoint_file_bytes": Path(f"{out}/state.ckpt").stat().st_size,
+                     "checkpoint_rows_bytes": _tree_bytes(Path(f"{out}/state.ckpt.sample_state"))}
     return {
         **row,
+        **saved,
         "state_bytes_per_rank": max(r["state_bytes"] for r in ranks),
         "fetch_bytes_per_rank": max(r["fetch_bytes"] for r in ranks),
         "peak_rss_bytes_per_rank": max(r["peak_rss_bytes"] for r in ranks),
@@ -230,6 +271,8 @@ def main() -> None:
     parser.add_argument("--history-form", choices=("ring", "running"), default="ring")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--fetch-window", type=int, default=16)
+    parser.add_argument("--checkpoint", choices=("gather", "dcp"), default=None,
+                        help="then save a checkpoint: gathered on rank 0, or each rank's rows with DCP")
     parser.add_argument("--json", type=Path, default=None, help="append one JSON row per configuration")
     parser.add_argument("--extrapolate", type=Path, default=None,
                         help="print the per-rank figures at 64 ranks for WebVision and 1e8 x 1,000 from this JSON")
@@ -246,6 +289,7 @@ def main() -> None:
     print("| N | C | W | mode | state/rank GiB | fetch held/rank GiB | received/rank/epoch GiB | peak RSS/rank GiB "
           "| peak RSS sum GiB | boundary s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    saves: list[dict[str, Any]] = []
     for n in args.sizes:
         for c in args.classes:
             for world in args.world_size:
@@ -262,6 +306,17 @@ def main() -> None:
                           f"{_gib(r['fetch_bytes_per_rank'])} | {_gib(r['bytes_received_per_rank'])} | "
                           f"{_gib(r['peak_rss_bytes_per_rank'])} | {_gib(r['peak_rss_bytes_sum'])} | "
                           f"{r['boundary_seconds']:.2f} |", flush=True)
+                    if args.checkpoint is not None:
+                        saves.append(r)
+    if saves:
+        print("\n| N | C | W | mode | checkpoint | save s | received/rank GiB | peak RSS in save/rank GiB | file GiB "
+              "| rows beside GiB |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in saves:
+            print(f"| {r['num_samples']:.0e} | {r['num_classes']} | {r['world_size']} | {r['mode']} | {r['checkpoint']} | "
+                  f"{r['save_seconds']:.2f} | {_gib(r['save_received_bytes_per_rank'])} | "
+                  f"{_gib(r['save_peak_rss_bytes_per_rank'])} | {_gib(r['checkpoint_file_bytes'])} | "
+                  f"{_gib(r['checkpoint_rows_bytes'])} |")
 
 
 if __name__ == "__main__":

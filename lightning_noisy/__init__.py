@@ -23,6 +23,7 @@ from lightning_noisy.data import (
 from lightning_noisy.methods import CoTeaching, DivideMix, FeatureMixup, JointOptimization, NoisyClassifier, SelfLearning
 from lightning_noisy.metrics import CleanSelectionMetrics, RecoveryAccuracy
 from lightning_noisy.models import build_backbone
+from lightning_noisy.strategies import ShardedStateDDPStrategy
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,7 @@ __all__ = [
     "RecoveryAccuracy",
     "SampleStateCallback",
     "SelfLearning",
+    "ShardedStateDDPStrategy",
     "WarmupEntropyCallback",
     "build_backbone",
     "make_noisy_labels",

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_noisy.data import NoisyLabelDataset, TensorPairDataset
+from lightning_noisy.strategies import ShardedStateDDPStrategy
 
 NUM_FEATURES, NUM_CLASSES = 4, 3
 
@@ -60,8 +61,8 @@ class PlainClassifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-class SpawnDDPStrategy(DDPStrategy):
-    """``ddp_spawn`` that destroys the process group when the worker is done with it.
+class _ClosesGroup:
+    """Destroys the process group when a spawned worker is done with it.
 
     Lightning leaves the gloo group alive when a spawned worker returns; the worker then exits with gloo's
     threads still holding work, and interpreter shutdown aborts it now and then (SIGABRT, "terminate called
@@ -69,13 +70,24 @@ class SpawnDDPStrategy(DDPStrategy):
     teardown closes it while the interpreter is whole.
     """
 
+    def teardown(self) -> None:
+        super().teardown()  # type: ignore[misc]
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class SpawnDDPStrategy(_ClosesGroup, DDPStrategy):
+    """``ddp_spawn`` that closes its process group."""
+
     def __init__(self) -> None:
         super().__init__(start_method="spawn")
 
-    def teardown(self) -> None:
-        super().teardown()
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+
+class SpawnShardedStateStrategy(_ClosesGroup, ShardedStateDDPStrategy):
+    """``ddp_sharded_state_spawn`` that closes its process group."""
+
+    def __init__(self) -> None:
+        super().__init__(start_method="spawn")
 
 
 def trainer(**kwargs: Any) -> pl.Trainer:

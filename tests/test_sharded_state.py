@@ -11,13 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from distributed import run_distributed
-from helpers import NUM_CLASSES, PlainClassifier, SpawnDDPStrategy, toy_dataset, trainer
+from helpers import NUM_CLASSES, PlainClassifier, SpawnDDPStrategy, SpawnShardedStateStrategy, toy_dataset, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Sampler
 
 from lightning_noisy.callbacks import AUMCallback, LabelCorrectionCallback, NoisyLabelMonitor
 from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder, SampleRunningMean
 from lightning_noisy.state.records import reduce_parts
+from lightning_noisy.state import checkpoint as row_checkpoint
+from lightning_noisy.state.checkpoint import LocalRows, is_placeholder, read_local_rows, split_local_rows
 from lightning_noisy.state.exchange import fetch_rows, gather_to_rank_zero
 from lightning_noisy.state.fetch import RowFetcher
 from lightning_noisy.state.label_rules import disagreement, most_disagreeing, top_k_hard_labels
@@ -322,7 +324,7 @@ class LabelsToFile(LabelCorrectionCallback):
 
 def _fit(out: Path, devices: int, shard_state: bool | None, max_epochs: int = 4, sampler: str = "distributed",
          drop_last: bool = False, ckpt: Path | None = None, checkpoints: Path | None = None,
-         **options: Any) -> dict[str, Any]:
+         local_rows: bool = False, keep: int = 0, **options: Any) -> dict[str, Any]:
     pl.seed_everything(3, verbose=False)
     dataset = toy_dataset(n=29, noisy_every=4)
     if sampler == "distributed":  # Lightning puts a DistributedSampler in: rows fetched a window ahead
@@ -336,8 +338,8 @@ def _fit(out: Path, devices: int, shard_state: bool | None, max_epochs: int = 4,
     if options["update"] != "soft":  # AUM's margins need hard targets
         callbacks.append(AUMCallback(threshold_samples=False, shard_state=shard_state, histogram=False))
     if checkpoints is not None:
-        callbacks.append(ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0))
-    strategy = SpawnDDPStrategy() if devices > 1 else "auto"
+        callbacks.append(ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=keep))
+    strategy = (SpawnShardedStateStrategy() if local_rows else SpawnDDPStrategy()) if devices > 1 else "auto"
     trainer(devices=devices, strategy=strategy, max_epochs=max_epochs, callbacks=callbacks,
             enable_checkpointing=checkpoints is not None).fit(
         PlainClassifier(lr=0.5), loader, ckpt_path=None if ckpt is None else str(ckpt)
@@ -392,3 +394,68 @@ def test_sharded_checkpoints_resume_exactly_and_on_another_world_size(tmp_path: 
     single = _fit(tmp_path / "single.pt", 1, None, max_epochs=2, checkpoints=tmp_path / "single")
     _fit(tmp_path / "onto-two.pt", 2, None, max_epochs=3, ckpt=tmp_path / "single" / "last.ckpt")
     assert torch.equal(torch.load(str(tmp_path / "onto-two.pt") + ".start"), single["labels"])
+
+
+# -- checkpoints through torch.distributed.checkpoint: each rank writes its rows -----------------------------
+
+
+def test_local_rows_are_chunked_by_dataset_index_and_read_back_for_another_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    monkeypatch.setattr(row_checkpoint, "chunk_rows", lambda shape: 3)  # chunks of 3 rows: [0, 3), [3, 6), ...
+    saved = SampleHistory(10, 2, (3,), layout=RowLayout(10))
+    saved.append(torch.arange(10), _table())
+    saved.append(torch.arange(0, 10, 2), _table()[::2] * 2)
+    checkpoint = {"callbacks": {"cb": {"buffers": {"history": LocalRows(saved.state_dict())}, "extra": {"k": 1}}},
+                  "epoch": 3}
+    out, rows = split_local_rows(checkpoint, "x.ckpt.sample_state", "abc")
+    assert isinstance(checkpoint["callbacks"]["cb"]["buffers"]["history"], LocalRows)  # the input is left as it was
+    placeholder = out["callbacks"]["cb"]["buffers"]["history"]
+    assert is_placeholder(placeholder) and out["epoch"] == 3 and out["callbacks"]["cb"]["extra"] == {"k": 1}
+    assert sorted(k for k in rows if k.startswith("rows0.data")) == [
+        "rows0.data.0.3", "rows0.data.3.6", "rows0.data.6.9", "rows0.data.9.10"]
+    assert torch.equal(rows["rows0.visits.3.6"], saved.visits[3:6]) and rows["nonce"] == "abc"
+    dcp.save(rows, storage_writer=dcp.FileSystemWriter(tmp_path / "x.ckpt.sample_state"), no_dist=True)
+    # rank 1 of 2 owns rows [5, 10): it reads the chunks from 3 on, and its block loads exactly
+    layout = RowLayout(10, 2, 1)
+    states = read_local_rows({"history": placeholder}, {"history": layout}, tmp_path / "x.ckpt")
+    assert (states["history"]["start"], states["history"]["stop"]) == (3, 10)
+    block = SampleHistory(10, 2, (3,), layout=layout)
+    block.load_state_dict(states["history"])
+    assert torch.equal(block.mean(), saved.mean()[5:]) and torch.equal(block.visits, saved.visits[5:])
+    # another save's directory, or none, is refused
+    placeholder["sharded_rows"]["nonce"] = "other"
+    with pytest.raises(RuntimeError, match="another save"):
+        read_local_rows({"history": placeholder}, {"history": layout}, tmp_path / "x.ckpt")
+    with pytest.raises(RuntimeError, match="no directory"):
+        read_local_rows({"history": placeholder}, {"history": layout}, tmp_path / "moved" / "x.ckpt")
+    with pytest.raises(RuntimeError, match="ckpt_path"):
+        read_local_rows({"history": placeholder}, {"history": layout}, None)
+
+
+@pytest.mark.ddp
+def test_strategy_writes_each_ranks_rows_and_any_world_size_resumes_them(tmp_path: Path) -> None:
+    first = _fit(tmp_path / "first.pt", 2, None, max_epochs=2, checkpoints=tmp_path / "two", local_rows=True, keep=1)
+    saved = torch.load(tmp_path / "two" / "last.ckpt", weights_only=False)["callbacks"]
+    for name, state in next(v for k, v in saved.items() if k.startswith("LabelsToFile"))["buffers"].items():
+        assert is_placeholder(state), name  # no rows in the file: each rank wrote its own
+    assert (tmp_path / "two" / "last.ckpt.sample_state" / ".metadata").is_file()
+    # save_top_k=1 removed the first epoch's file and its rows
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "epoch=1-step=8.ckpt", "epoch=1-step=8.ckpt.sample_state", "last.ckpt", "last.ckpt.sample_state"]
+    # resumed on 2 ranks, the run continues bit for bit as the run with a gathering checkpoint
+    resumed = _fit(tmp_path / "resumed.pt", 2, None, ckpt=tmp_path / "two" / "last.ckpt", local_rows=True)
+    assert torch.equal(torch.load(str(tmp_path / "resumed.pt") + ".start"), first["labels"])
+    _assert_same_run(resumed, _fit(tmp_path / "full.pt", 2, None))
+    # one process and three ranks each read their rows
+    _fit(tmp_path / "one.pt", 1, None, max_epochs=3, ckpt=tmp_path / "two" / "last.ckpt")
+    assert torch.equal(torch.load(str(tmp_path / "one.pt") + ".start"), first["labels"])
+    _fit(tmp_path / "three.pt", 3, None, max_epochs=3, ckpt=tmp_path / "two" / "last.ckpt", local_rows=True)
+    assert torch.equal(torch.load(str(tmp_path / "three.pt") + ".start"), first["labels"])
+    # the file with another save's rows beside it is refused before anything is restored
+    import shutil
+
+    shutil.rmtree(tmp_path / "two" / "last.ckpt.sample_state")
+    shutil.copytree(tmp_path / "two" / "epoch=1-step=8.ckpt.sample_state", tmp_path / "two" / "last.ckpt.sample_state")
+    with pytest.raises(RuntimeError, match="another save"):
+        _fit(tmp_path / "refused.pt", 1, None, max_epochs=3, ckpt=tmp_path / "two" / "last.ckpt")

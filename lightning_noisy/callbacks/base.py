@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from typing_extensions import override
 
 from lightning_noisy.state import BatchContract, SampleBuffer, SampleHistory, StepContext
+from lightning_noisy.state.checkpoint import LocalRows, read_local_rows
 from lightning_noisy.state.layout import RowLayout
 from lightning_noisy.state.sharded import state_on_rank_zero
 from lightning_noisy.state.storage import StateOptions
@@ -161,8 +162,9 @@ class SampleStateCallback(Callback):
     is written, and resuming from an epoch-boundary checkpoint continues as the uninterrupted run would.
 
     A subclass that shards its state builds its buffers on :meth:`row_layout`: under DDP each rank then
-    holds only its block of rows, and a checkpoint gathers the blocks on rank 0 (each block sent once),
-    from which any world size restores its own blocks.
+    holds only its block of rows. A checkpoint gathers the blocks on rank 0 (each block sent once), or with
+    :class:`~lightning_noisy.strategies.ShardedStateDDPStrategy` each rank writes its own block with
+    ``torch.distributed.checkpoint``; any world size restores its own blocks from either.
 
     Args:
         key: distinguishes two instances of one callback class in a checkpoint.
@@ -182,6 +184,7 @@ class SampleStateCallback(Callback):
         self._finished_epoch = -1
         self._loaded_state: dict[str, Any] | None = None
         self._said_no_clean = False
+        self._rows_to_strategy = False  # whether the strategy writes sharded rows itself (no gather)
 
     @property
     @override
@@ -237,17 +240,32 @@ class SampleStateCallback(Callback):
         return summed.cpu()
 
     def sample_state_dict(self) -> dict[str, Any]:
-        """The buffers' states (whole tables on rank 0 when sharded: a collective) and :meth:`extra_state_dict`."""
-        buffers = self.sample_buffers()
-        states = {k: state_on_rank_zero(b, self.collective_device) for k, b in buffers.items()}
+        """The buffers' states and :meth:`extra_state_dict`.
+
+        A sharded buffer's state is the whole table on rank 0 (a collective), or, when the strategy writes
+        sharded rows itself, this rank's block as :class:`~lightning_noisy.state.checkpoint.LocalRows`.
+        """
+        states: dict[str, Any] = {}
+        for name, buffer in self.sample_buffers().items():
+            if self._rows_to_strategy and buffer.layout.is_sharded:
+                states[name] = LocalRows(buffer.state_dict())
+            else:
+                states[name] = state_on_rank_zero(buffer, self.collective_device)
         return {"buffers": states, "extra": self.extra_state_dict()}
 
-    def load_sample_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`sample_state_dict` after :meth:`allocate`: every buffer is checked before any changes."""
+    def load_sample_state_dict(self, state: dict[str, Any], checkpoint_path: str | None = None) -> None:
+        """Restore :meth:`sample_state_dict` after :meth:`allocate`: every buffer is checked before any changes.
+
+        Rows that :class:`~lightning_noisy.strategies.ShardedStateDDPStrategy` wrote beside the checkpoint file
+        ``checkpoint_path`` are read first: each rank reads the rows it owns (a collective).
+        """
         if not state:
             return
         buffers = self.sample_buffers()
         saved = state["buffers"]
+        if set(saved) == set(buffers):
+            layouts = {name: buffer.layout for name, buffer in buffers.items()}
+            saved = read_local_rows(saved, layouts, checkpoint_path)
         if set(saved) != set(buffers):
             raise ValueError(f"{type(self).__name__}: the checkpoint holds buffers {sorted(saved)}, expected {sorted(buffers)}")
         for name, buffer in buffers.items():
@@ -261,6 +279,7 @@ class SampleStateCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self.contract = BatchContract.attach(pl_module, self, require_logits=self.require_logits)
+            self._rows_to_strategy = bool(getattr(trainer.strategy, "writes_local_rows", False))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -284,7 +303,7 @@ class SampleStateCallback(Callback):
         self.allocate(trainer, pl_module, self.training_labels)
         if self._loaded_state is not None:
             state, self._loaded_state = self._loaded_state, None
-            self.load_sample_state_dict(state)
+            self.load_sample_state_dict(state, trainer.ckpt_path)
         if self.training_labels.clean is None and not self._said_no_clean:
             self._said_no_clean = True
             rank_zero_info(
