@@ -15,6 +15,7 @@ from lightning_noisy.losses import (
     forward_corrected_loss,
     validate_transition_matrix,
 )
+from lightning_noisy.losses.correction import anchor_candidates
 
 T2 = [[0.9, 0.1], [0.3, 0.7]]
 
@@ -191,6 +192,33 @@ def test_estimator_filter_outlier_ignores_the_arg_max() -> None:
     greedy = estimate_transition_matrix(probs, filter_outlier=False)
     torch.testing.assert_close(greedy[0], outlier[0])
     assert (robust - transition).abs().max() < 1e-2
+
+
+def test_estimator_ties_go_to_the_later_sample() -> None:
+    # tied entries in rows that differ elsewhere, so the choice shows
+    wide = torch.tensor([[0.5, 0.1, 0.4], [0.3, 0.3, 0.4], [0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.6, 0.2]])
+    greedy = estimate_transition_matrix(wide, filter_outlier=False)
+    torch.testing.assert_close(greedy[0], wide[2])  # rows 0 and 2 tie at 0.5: the later one
+    torch.testing.assert_close(greedy[1], wide[4])  # rows 3 and 4 tie at 0.6
+    # the 50th percentile of class 2: ascending 0.2, 0.2, 0.3, 0.4, 0.4 -> position 2 (0.3, row 3)
+    torch.testing.assert_close(estimate_transition_matrix(wide, percentile=50.0)[2], wide[3])
+    # position 3 of [0.2, 0.2, 0.3, 0.4, 0.4] is the earlier 0.4 (row 0), position 4 the later (row 1)
+    torch.testing.assert_close(estimate_transition_matrix(wide, percentile=75.0)[2], wide[0])
+    torch.testing.assert_close(estimate_transition_matrix(wide, percentile=100.0)[2], wide[1])
+
+
+def test_anchor_candidates_of_blocks_are_the_candidates_of_the_whole() -> None:
+    generator = torch.Generator().manual_seed(4)
+    values = torch.randint(0, 5, (40, 3), generator=generator).float()  # many ties
+    index = torch.arange(40) * 3
+    whole_values, whole_index = anchor_candidates(values, index, 7)
+    blocks = [anchor_candidates(values[a:b], index[a:b], 7) for a, b in ((0, 11), (11, 30), (30, 40))]
+    merged = anchor_candidates(torch.cat([v for v, _ in blocks]), torch.cat([i for _, i in blocks]), 7)
+    assert torch.equal(merged[0], whole_values) and torch.equal(merged[1], whole_index)
+    # the order is value descending, then index descending
+    for column in range(3):
+        keys = list(zip(whole_values[:, column].tolist(), whole_index[:, column].tolist()))
+        assert keys == sorted(keys, reverse=True)
 
 
 @pytest.mark.parametrize(

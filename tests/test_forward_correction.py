@@ -10,11 +10,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed import run_distributed
 from helpers import (
     NUM_CLASSES,
     TABLE,
     PlainClassifier,
     ScriptedClassifier,
+    SpawnDDPStrategy,
     scripted_data,
     toy_dataset,
     toy_loader,
@@ -26,11 +28,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_noisy.callbacks import ForwardCorrectionCallback, NoisyLabelMonitor, SampleStateCallback
-from lightning_noisy.callbacks.forward_correction import forward_correction_transform
+from lightning_noisy.callbacks.forward_correction import estimate_transition_matrix_sharded, forward_correction_transform
 from lightning_noisy.data import MNIST1DDataModule, NoisyLabelDataset, TensorPairDataset
 from lightning_noisy.losses import estimate_transition_matrix, forward_corrected_loss
 from lightning_noisy.methods import NoisyClassifier
 from lightning_noisy.state import StepContext
+from lightning_noisy.state.layout import RowLayout
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 T3 = [[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.0, 0.3, 0.7]]
@@ -189,6 +192,61 @@ def test_training_that_ends_before_the_estimate_epoch_warns() -> None:
     assert callback.transition is None and not callback.active
 
 
+# -- sharded estimate: bit for bit the estimate of the gathered rows ---------------------------------------
+
+
+def _check_sharded_estimate(rank: int, world_size: int) -> None:
+    for n, c in ((37, 5), (11, 2)):  # with 2 classes on 3 ranks, one rank owns no column
+        generator = torch.Generator().manual_seed(n)
+        probs = torch.softmax(torch.randint(0, 4, (n, c), generator=generator).float(), 1)  # few values: many ties
+        seen = torch.ones(n, dtype=torch.bool)
+        seen[[3, 7, n - 1]] = False  # rows no rank recorded (drop_last)
+        layout = RowLayout(n, world_size, rank)
+        index = torch.arange(layout.start, layout.stop)
+        index = index[seen[index]]
+        for percentile, filter_outlier in ((97.0, True), (50.0, True), (100.0, True), (97.0, False)):
+            options = {"percentile": percentile, "filter_outlier": filter_outlier}
+            got = estimate_transition_matrix_sharded(index, probs[index], layout, **options)
+            assert torch.equal(got, estimate_transition_matrix(probs[seen], **options)), (rank, n, options)
+        bad = probs[index].clone()
+        if rank == world_size - 1:
+            bad[0] *= 2
+        with pytest.raises(ValueError, match="distributions|sums to"):  # on every rank: none waits for the others
+            estimate_transition_matrix_sharded(index, bad, layout)
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_estimate_equals_the_estimate_of_the_gathered_rows(world_size: int) -> None:
+    run_distributed(_check_sharded_estimate, world_size=world_size)
+
+
+class TransitionToFile(ForwardCorrectionCallback):
+    def __init__(self, out: Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.out = str(out)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            torch.save({"transition": self.transition, "weights": pl_module.state_dict()}, self.out)
+
+
+@pytest.mark.ddp
+def test_sharded_and_replicated_estimates_train_the_same_model(tmp_path: Path) -> None:
+    runs = {}
+    for shard_state in (None, False):
+        pl.seed_everything(0, verbose=False)
+        out = tmp_path / f"{shard_state}.pt"
+        callback = TransitionToFile(out, estimate_epoch=1, shard_state=shard_state, storage_dtype="bfloat16")
+        trainer(devices=2, strategy=SpawnDDPStrategy(), max_epochs=3, callbacks=[callback]).fit(
+            PlainClassifier(lr=0.5), DataLoader(toy_dataset(n=29), batch_size=4, shuffle=True, drop_last=True)
+        )
+        runs[shard_state] = torch.load(out)
+    assert runs[None]["transition"] is not None and torch.equal(runs[None]["transition"], runs[False]["transition"])
+    for name, value in runs[None]["weights"].items():
+        assert torch.equal(value, runs[False]["weights"][name]), name
+
+
 # -- resume ---------------------------------------------------------------------------------------------
 
 
@@ -251,6 +309,9 @@ def test_checkpoint_with_a_matrix_of_another_size_is_rejected(tmp_path: Path) ->
         ({"percentile": 100.5}, r"percentile must be a number in \(0, 100\], got 100.5"),
         ({"percentile": math.nan}, r"percentile must be a number in \(0, 100\], got nan"),
         ({"filter_outlier": "yes"}, r"filter_outlier must be a bool, got 'yes'"),
+        ({"storage_topk": 3}, r"storage_topk must be None: .* reads whole rows, got 3"),
+        ({"storage_dtype": "int8"}, r"storage_dtype must be one of"),
+        ({"shard_state": "yes"}, r"shard_state must be"),
     ],
 )
 def test_bad_arguments_are_rejected(kwargs: dict[str, Any], message: str) -> None:

@@ -7,14 +7,24 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels
-from lightning_noisy.losses.correction import estimate_transition_matrix, validate_transition_matrix
+from lightning_noisy.losses._targets import check_distributions
+from lightning_noisy.losses.correction import (
+    anchor_candidates,
+    anchor_rank,
+    estimate_transition_matrix,
+    validate_transition_matrix,
+)
 from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder, StepContext
+from lightning_noisy.state.exchange import _all_to_all
+from lightning_noisy.state.layout import RowLayout
+from lightning_noisy.state.storage import StateOptions, StorageDtype
 
 TransitionSpec = Literal["estimate", "true"]
 
@@ -47,6 +57,72 @@ def forward_correction_transform(transition: Tensor) -> Callable[[Tensor], Tenso
         return out.to(z.dtype)
 
     return transform
+
+
+def estimate_transition_matrix_sharded(
+    index: Tensor,
+    probs: Tensor,
+    layout: RowLayout,
+    *,
+    percentile: float = 97.0,
+    filter_outlier: bool = True,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """:func:`~lightning_noisy.losses.estimate_transition_matrix` of rows sharded over the ranks. A collective.
+
+    Each rank holds the rows of its block that were recorded, ``index [M_r]`` (ascending) and
+    ``probs [M_r, C]``. Every rank keeps each column's candidates for the anchor (the ``k`` largest entries,
+    :func:`~lightning_noisy.losses.correction.anchor_candidates`) and sends column ``c``'s to rank
+    ``c % W``, which picks the anchor among all ranks' candidates; the anchors' rows then come from their
+    owners. A rank receives about ``k x C`` candidates, ``k`` being 3% of the samples at the paper's 97th
+    percentile, instead of every row. Every rank returns the same ``[C, C]`` float32 estimate, equal bit for
+    bit to the estimate of the gathered rows.
+    """
+    device = torch.device(device)
+    values = probs.detach().to(torch.float32)
+    problem = None
+    if values.shape[0]:
+        try:
+            check_distributions("probs", values)
+        except ValueError as error:
+            problem = str(error)
+    checks = torch.tensor([int(problem is not None), values.shape[0]], device=device)
+    dist.all_reduce(checks)  # a bad block fails on every rank, not only on its own while the others wait
+    if int(checks[0]):
+        raise ValueError(problem or "another rank's recorded predictions are not distributions")
+    total, num_classes, world = int(checks[1]), int(probs.shape[1]), layout.world_size
+    if total == 0:
+        raise RuntimeError("no rank recorded predictions to estimate the transition matrix from")
+    count = anchor_rank(total, percentile, filter_outlier)
+    top, top_index = anchor_candidates(values, index.to(torch.long), count)
+    pad = count - top.shape[0]  # every rank sends `count` per column; padding ranks last and is never picked
+    top = torch.cat([top, top.new_full((pad, num_classes), float("-inf"))])
+    top_index = torch.cat([top_index, top_index.new_full((pad, num_classes), -1)])
+    owner = torch.arange(num_classes) % world
+    order = torch.argsort(owner, stable=True)
+    send = torch.bincount(owner, minlength=world).tolist()
+    mine = order[sum(send[: layout.rank]) : sum(send[: layout.rank + 1])]  # this rank's columns
+    receive = [mine.numel()] * world
+    received = [
+        _all_to_all(part.T[order].contiguous().to(device), send, receive).cpu().view(world, mine.numel(), count)
+        for part in (top, top_index)
+    ]
+    # per owned column, the candidates of every rank: [W * count, columns]
+    merged_values, merged_index = (part.permute(0, 2, 1).reshape(world * count, mine.numel()) for part in received)
+    _, picked = anchor_candidates(merged_values, merged_index, count)
+    anchors = torch.full((num_classes,), -1, dtype=torch.long)
+    anchors[mine] = picked[count - 1]
+    anchors = anchors.to(device)
+    dist.all_reduce(anchors, op=dist.ReduceOp.MAX)
+    anchors = anchors.cpu()
+    position = torch.searchsorted(index.to(torch.long), anchors).clamp(max=max(values.shape[0] - 1, 0))
+    held = (index[position] == anchors) if values.shape[0] else torch.zeros(num_classes, dtype=torch.bool)
+    rows = torch.zeros(num_classes, num_classes)
+    rows[held] = values[position[held]]
+    rows = rows.to(device)
+    dist.all_reduce(rows)  # one owner per anchor row, zeros elsewhere: the sum is the row exactly
+    rows = rows.cpu()
+    return rows / rows.sum(dim=1, keepdim=True)
 
 
 def markdown_matrix(matrix: Tensor, digits: int = 3) -> str:
@@ -99,6 +175,13 @@ class ForwardCorrectionCallback(SampleStateCallback):
         estimate_epoch: 0-based epoch whose training predictions estimate ``T`` (``"estimate"`` only).
         percentile: percentile of the anchor-point estimator, in ``(0, 100]`` (paper: 97).
         filter_outlier: take the ``percentile``-th sample of each class as its anchor instead of the arg max.
+        shard_state: the estimation epoch's predictions go to the DDP rank that owns their rows, which keeps
+            about ``N / W`` of them; the anchors are found among every rank's candidates
+            (:func:`estimate_transition_matrix_sharded`, the same matrix bit for bit). ``None``: whenever the
+            world size is > 1; ``False``: every rank gathers all ``N x C`` predictions.
+        storage_dtype: dtype of the recorded predictions (``"float32"``, ``"bfloat16"`` or ``"float16"``;
+            16-bit rows are renormalised before the estimate).
+        storage_topk: must be ``None``: an anchor's whole row is the estimate's row.
         key: distinguishes two instances in one checkpoint.
     """
 
@@ -108,9 +191,16 @@ class ForwardCorrectionCallback(SampleStateCallback):
         estimate_epoch: int = 10,
         percentile: float = 97.0,
         filter_outlier: bool = True,
+        shard_state: bool | None = None,
+        storage_dtype: StorageDtype = "float32",
+        storage_topk: int | None = None,
         key: str | None = None,
     ) -> None:
-        super().__init__(key=key)
+        super().__init__(key=key, state_options=StateOptions(shard_state, storage_dtype, storage_topk))
+        if storage_topk is not None:
+            raise ValueError(
+                f"storage_topk must be None: ForwardCorrectionCallback's estimate reads whole rows, got {storage_topk!r}"
+            )
         if isinstance(estimate_epoch, bool) or not isinstance(estimate_epoch, int) or estimate_epoch < 0:
             raise ValueError(f"estimate_epoch must be an int >= 0, got {estimate_epoch!r}")
         if (
@@ -139,6 +229,7 @@ class ForwardCorrectionCallback(SampleStateCallback):
         self._active = False
         self._true: Tensor | None = None
         self._recorder: SampleRecorder | None = None
+        self._layout: RowLayout | None = None
         self._transform: Callable[[Tensor], Tensor] | None = None
         self._calls = 0
         self._calls_at_batch_start = 0
@@ -204,7 +295,8 @@ class ForwardCorrectionCallback(SampleStateCallback):
                     f"found neither on {type(trainer.datamodule).__name__}. Give the matrix or use 'estimate'."
                 )
             self._transition, self._active = self._true.clone(), True
-        self._recorder = SampleRecorder((c,), torch.float32)
+        self._recorder = SampleRecorder((c,), self.state_options.dtype)
+        self._layout = self.row_layout(trainer, labels.num_samples)
         if self.mode != "estimate" and trainer.current_epoch == 0:
             self._write_matrices(trainer)
         self._apply()
@@ -280,20 +372,28 @@ class ForwardCorrectionCallback(SampleStateCallback):
     def on_epoch_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._recording(trainer.current_epoch):
             return
-        assert self._recorder is not None
-        _, probs, _ = self._recorder.gather(trainer.strategy.root_device, reduction="mean")  # every rank
-        if probs.shape[0] == 0:
+        assert self._recorder is not None and self._layout is not None
+        device, layout = trainer.strategy.root_device, self._layout
+        index, probs, _ = self._recorder.gather(device, reduction="mean", layout=layout)  # every rank (or its rows)
+        if self.state_options.dtype != torch.float32:  # 16-bit rows sum to 1 only within their rounding
+            probs = probs / probs.sum(dim=1, keepdim=True)
+        sharded = layout.is_sharded and trainer.world_size > 1
+        recorded = self.sum_over_shards(trainer, layout, torch.tensor(probs.shape[0]))
+        if int(recorded) == 0:
             raise RuntimeError(
                 f"ForwardCorrectionCallback recorded no training predictions in epoch {trainer.current_epoch} "
                 "to estimate the transition matrix from"
             )
-        estimate = estimate_transition_matrix(probs, percentile=self.percentile, filter_outlier=self.filter_outlier)
-        estimate = estimate.to(torch.float32).cpu()
+        options = {"percentile": self.percentile, "filter_outlier": self.filter_outlier}
+        if sharded:
+            estimate = estimate_transition_matrix_sharded(index, probs, layout, device=device, **options)
+        else:
+            estimate = estimate_transition_matrix(probs, **options).to(torch.float32).cpu()
         validate_transition_matrix(estimate, probs.shape[1])
         self._transition, self._active = estimate, True
         self._apply()
         rank_zero_info(
-            f"ForwardCorrectionCallback: estimated the transition matrix from {probs.shape[0]} samples' "
+            f"ForwardCorrectionCallback: estimated the transition matrix from {int(recorded)} samples' "
             f"predictions of epoch {trainer.current_epoch}; forward correction from epoch {trainer.current_epoch + 1}"
         )
         if self._true is not None:

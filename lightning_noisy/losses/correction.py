@@ -154,14 +154,54 @@ def _inverse_transition(transition: Tensor, max_condition: float) -> Tensor:
     return torch.linalg.inv(matrix)
 
 
+def anchor_rank(num_samples: int, percentile: float = 97.0, filter_outlier: bool = True) -> int:
+    """How many samples of a class column rank at or above its anchor: ``k``, the anchor is the ``k``-th largest.
+
+    With ``filter_outlier`` the anchor is the sample at ascending position ``ceil(percentile * (N - 1) / 100)``
+    (capped at ``N - 1``, numpy's ``method="higher"``), otherwise the maximum (``k = 1``).
+    """
+    if not filter_outlier:
+        return 1
+    position = min(math.ceil(percentile * (num_samples - 1) / 100.0), num_samples - 1)
+    return num_samples - position
+
+
+def anchor_candidates(values: Tensor, index: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """The ``count`` largest entries of each column of ``values [M, C]``, ordered by (value, index) descending.
+
+    Ties in value go to the larger dataset index, so the order, and the anchor taken from it, is one
+    total order that does not depend on how the rows are split between ranks: the candidates of a union
+    of blocks are the candidates of the blocks' candidates.
+
+    Args:
+        values: ``[M, C]`` scores.
+        index: ``[M]`` ascending dataset indices of the rows, or ``[M, C]`` an index per entry (any order).
+        count: how many to keep per column (at most ``M`` are).
+
+    Returns:
+        ``(values [K, C], index [K, C])`` with ``K = min(count, M)``: row 0 holds each column's largest.
+    """
+    if index.ndim == 1:  # rows ascending by index: reversed, a stable sort by value breaks ties by index descending
+        if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
+            raise ValueError("a 1-D index of anchor candidates must be strictly ascending")
+        values, index = values.flip(0), index.flip(0)
+        order = values.argsort(dim=0, descending=True, stable=True)[:count]
+        return values.gather(0, order), index[order]
+    by_index = index.argsort(dim=0, descending=True, stable=True)
+    values, index = values.gather(0, by_index), index.gather(0, by_index)
+    order = values.argsort(dim=0, descending=True, stable=True)[:count]
+    return values.gather(0, order), index.gather(0, order)
+
+
 def estimate_transition_matrix(probs: Tensor, *, percentile: float = 97.0, filter_outlier: bool = True) -> Tensor:
     """Anchor-point estimate of the transition matrix (Patrini et al., CVPR 2017, Sec. 4).
 
     For each class ``i`` the anchor ``x_i`` is the sample whose noisy-class probability
     ``probs[:, i]`` is at the ``percentile``-th percentile of that column (taking the next
     higher sample, as numpy's ``method="higher"``; the paper's robust 97th-percentile variant) when
-    ``filter_outlier`` is true, or its arg max otherwise. Row ``i`` of the estimate is
-    ``probs[x_i]``, renormalised to sum to one. One sort per column, no loop over classes.
+    ``filter_outlier`` is true, or its arg max otherwise; equal probabilities go to the later row (see
+    :func:`anchor_candidates`). Row ``i`` of the estimate is ``probs[x_i]``, renormalised to sum to one.
+    One sort per column, no loop over classes.
 
     Args:
         probs: ``[N, C]`` predicted noisy-label posteriors ``p(noisy | x)`` of a network trained on
@@ -181,12 +221,7 @@ def estimate_transition_matrix(probs: Tensor, *, percentile: float = 97.0, filte
         raise ValueError(f"probs must be a floating tensor of shape [N, C] with N >= 1, got {got}")
     check_distributions("probs", probs)
     values = probs.detach().to(torch.promote_types(probs.dtype, torch.float32))
-    num_samples = values.shape[0]
-    if filter_outlier:
-        rank = min(math.ceil(percentile * (num_samples - 1) / 100.0), num_samples - 1)
-        order = values.argsort(dim=0)  # [N, C], column i sorted ascending by p(noisy = i | x)
-        anchors = order[rank]
-    else:
-        anchors = values.argmax(dim=0)
-    rows = values[anchors]  # row i = p(noisy | anchor of class i)
+    count = anchor_rank(values.shape[0], percentile, filter_outlier)
+    _, candidates = anchor_candidates(values, torch.arange(values.shape[0], device=values.device), count)
+    rows = values[candidates[count - 1]]  # row i = p(noisy | anchor of class i)
     return rows / rows.sum(dim=1, keepdim=True)
