@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed import run_distributed
 from helpers import PlainClassifier, SpawnDDPStrategy, toy_dataset, trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
@@ -24,7 +25,9 @@ from lightning_noisy.callbacks.co_divide import (
     per_class_clean_probability,
     per_sample_cross_entropy,
 )
+from lightning_noisy.callbacks.sharded_division import clean_probability_sharded, normalise_losses_sharded
 from lightning_noisy.data.sampler import EpochShuffleSampler
+from lightning_noisy.state.layout import RowLayout
 
 # -- the pure functions ------------------------------------------------------------------------------
 
@@ -255,9 +258,106 @@ class RankChecker(CoDivideCallback):
 @pytest.mark.ddp
 def test_division_identical_on_two_ranks_and_equal_to_one_process() -> None:
     dataset = toy_dataset(n=30, noisy_every=3)
-    trainer(devices=2, strategy=SpawnDDPStrategy(), max_epochs=2, callbacks=[RankChecker(batch_size=4)]).fit(
+    trainer(devices=2, strategy=SpawnDDPStrategy(), max_epochs=2, callbacks=[RankChecker(batch_size=4, shard_state=False)]).fit(
         PlainClassifier(), DataLoader(dataset, batch_size=4, shuffle=True)
     )
+
+
+# -- sharded: each rank holds its block; the same division bit for bit -----------------------------------
+
+
+def _sharded_cases() -> list[tuple[str, torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    """(name, losses [N], labels [N], options): plain, subsets, non-finite, per class with degenerate classes."""
+    losses, _ = _bimodal(3)
+    losses = losses[:157].clone()
+    labels = torch.arange(157) % 4
+    with_bad = losses.clone()
+    with_bad[[5, 60, 61, 150]] = torch.tensor([float("nan"), float("inf"), float("-inf"), float("nan")])
+    degenerate = losses.clone()
+    degenerate[labels == 2] = 0.25  # one class of equal losses
+    degenerate[labels == 3] = float("nan")  # one class without a finite loss
+    return [
+        ("one mixture", losses, labels, {}),
+        ("subset of 40", with_bad, labels, {"max_fit_samples": 40, "seed": 5}),
+        ("per class", degenerate, labels, {"per_class": True, "max_fit_samples": 20}),
+        ("per class, all fit", with_bad, labels, {"per_class": True, "max_fit_samples": None}),
+    ]
+
+
+def _check_sharded_division(rank: int, world_size: int) -> None:
+    for name, losses, labels, options in _sharded_cases():
+        options = dict(options)
+        per_class = options.pop("per_class", False)
+        layout = RowLayout(losses.shape[0], world_size, rank)
+        block = slice(layout.start, layout.stop)
+        with warnings.catch_warnings(record=True) as expected_warnings:
+            warnings.simplefilter("always")
+            normalised = normalise_losses(losses)
+            if per_class:
+                expected = per_class_clean_probability(normalised, labels, **options)
+            else:
+                expected = clean_probability(normalised, **options)
+        with warnings.catch_warnings(record=True) as got_warnings:
+            warnings.simplefilter("always")
+            mine = normalise_losses_sharded(losses[block])
+            got = clean_probability_sharded(mine, labels[block] if per_class else None, 4 if per_class else 1, **options)
+        torch.testing.assert_close(mine, normalised[block], rtol=0, atol=0, equal_nan=True)  # bit for bit, NaN kept
+        assert torch.equal(got, expected[block]), f"{name}: probabilities, rank {rank}"
+        assert [str(w.message) for w in got_warnings] == [str(w.message) for w in expected_warnings], name
+    assert any(torch.isfinite(c[1]).all() for c in _sharded_cases())  # the cases are not all degenerate
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_division_equals_the_one_process_division(world_size: int) -> None:
+    run_distributed(_check_sharded_division, world_size=world_size)
+
+
+def test_sharded_division_in_one_process_is_the_one_process_division() -> None:
+    for name, losses, labels, options in _sharded_cases():
+        options = dict(options)
+        per_class = options.pop("per_class", False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = (per_class_clean_probability(losses, labels, **options) if per_class
+                        else clean_probability(losses, **options))
+            got = clean_probability_sharded(losses, labels if per_class else None, 4 if per_class else 1, **options)
+        assert torch.equal(got, expected), name
+    with pytest.raises(ValueError, match=r"groups must be in \[0, 2\), got min 0 and max 3"):
+        clean_probability_sharded(losses, labels, 2)
+
+
+class DivisionToFile(CoDivideCallback):
+    def __init__(self, out: Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.out = str(out)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        probability, held = self.probability, self.local_probability()[1].shape[0]  # a collective when sharded
+        history = self._history.state_dict()["data"] if trainer.world_size == 1 or not self._sharded else None
+        if trainer.is_global_zero:
+            torch.save({"probability": probability, "held": held, "history": history,
+                        "weights": pl_module.state_dict()}, self.out)
+
+
+@pytest.mark.ddp
+def test_sharded_and_replicated_callbacks_divide_the_same(tmp_path: Path) -> None:
+    runs = {}
+    for shard_state in (None, False):
+        pl.seed_everything(2, verbose=False)
+        out = tmp_path / f"{shard_state}.pt"
+        callback = DivisionToFile(out, start_epoch=1, num_average=2, per_class=True, shard_state=shard_state)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer(devices=2, strategy=SpawnDDPStrategy(), max_epochs=3, callbacks=[callback]).fit(
+                PlainClassifier(lr=0.5), DataLoader(toy_dataset(n=31, noisy_every=3), batch_size=4, shuffle=True)
+            )
+        runs[shard_state] = torch.load(out)
+    assert runs[None]["held"] == 16 and runs[False]["held"] == 31
+    assert torch.equal(runs[None]["probability"], runs[False]["probability"])
+    assert 0 < int((runs[None]["probability"] > 0.5).sum()) < 31
+    for name, value in runs[None]["weights"].items():
+        assert torch.equal(value, runs[False]["weights"][name]), name
 
 
 def _resumable(tmp_path: Path, max_epochs: int, ckpt: Path | None = None) -> tuple[CoDivideCallback, PlainClassifier]:
@@ -390,6 +490,8 @@ def test_a_loader_without_a_dataset_is_named_in_the_error() -> None:
         ({"start_epoch": -1}, "start_epoch must be an integer >= 0, got -1"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
         ({"per_class": 1}, "per_class must be a bool, got 1"),
+        ({"storage_topk": 2}, "storage_topk must be None: CoDivideCallback keeps one value per sample, got 2"),
+        ({"storage_dtype": "float64"}, "storage_dtype must be one of"),
     ],
 )
 def test_bad_arguments_are_rejected(kwargs: dict[str, Any], message: str) -> None:

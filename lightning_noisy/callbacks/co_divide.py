@@ -21,6 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from scipy.special import expit
@@ -37,7 +38,12 @@ from lightning_noisy.callbacks.base import (
 )
 from lightning_noisy.losses._targets import check_finite_non_negative
 from lightning_noisy.metrics.selection import selection_scores
+from lightning_noisy.callbacks.sharded_division import clean_probability_sharded, normalise_losses_sharded
 from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder
+from lightning_noisy.state.gather import is_distributed
+from lightning_noisy.state.layout import RowLayout
+from lightning_noisy.state.sharded import gather_scalars
+from lightning_noisy.state.storage import StateOptions, StorageDtype
 
 ModelFn = Callable[[pl.LightningModule, Tensor], Tensor]
 
@@ -223,6 +229,7 @@ def per_sample_cross_entropy(
     rank: int = 0,
     world_size: int = 1,
     collective_device: torch.device | str | None = None,
+    layout: RowLayout | None = None,
 ) -> Tensor:
     """``[N]`` float32 cross-entropy of ``logits_fn(x)`` against the labels of every sample of ``loader``.
 
@@ -231,7 +238,8 @@ def per_sample_cross_entropy(
     8192 rows at a time. Rank ``r`` of ``world_size`` loads and runs only the batches
     ``batch_idx % world_size == r`` (:func:`~lightning_noisy.callbacks.base.rank_batches`), and the losses
     are gathered (a collective on ``collective_device``: call it on every rank), so every rank returns
-    the same ``[N]`` losses, equal to a one-process pass over the same loader.
+    the same ``[N]`` losses, equal to a one-process pass over the same loader. With a sharded ``layout``
+    the losses go to the ranks that own their rows instead, and each rank returns its block ``[R]``.
 
     Raises:
         ValueError: a batch is not ``[input, label, index]``.
@@ -261,10 +269,20 @@ def per_sample_cross_entropy(
                 pending_rows = 0
         if pending:
             score_pending()
-    index, values, counts = recorder.gather(collective_device or device, reduction="first")
-    if index.shape[0] != num_samples or bool((counts != 1).any()) or (num_samples and int(index[-1]) != num_samples - 1):
+    collective_device = torch.device(collective_device or device)
+    index, values, counts = recorder.gather(collective_device, reduction="first", layout=layout)
+    start, stop = (layout.start, layout.stop) if layout is not None else (0, num_samples)
+    covered = index.shape[0] == stop - start and not bool((counts != 1).any()) and (
+        start == stop or (int(index[0]), int(index[-1])) == (start, stop - 1))
+    if layout is not None and layout.is_sharded and is_distributed():  # every rank raises, none waits
+        flags = torch.tensor([int(not covered), index.shape[0], int(counts.sum())], device=collective_device)
+        dist.all_reduce(flags)
+        failed, distinct, records = (int(v) for v in flags.cpu())
+    else:
+        failed, distinct, records = int(not covered), index.shape[0], int(counts.sum())
+    if failed:
         raise RuntimeError(
-            f"the per-sample loss pass covered {index.shape[0]} distinct indices in {int(counts.sum())} records, "
+            f"the per-sample loss pass covered {distinct} distinct indices in {records} records, "
             f"expected each of the {num_samples} training samples once"
         )
     return values.clone()
@@ -318,6 +336,14 @@ class CoDivideCallback(SampleStateCallback):
         per_class: one mixture per noisy class (:func:`per_class_clean_probability`) instead of one for
             the whole set; not in DivideMix, off by default.
         seed: ``random_state`` of the mixture.
+        shard_state: each DDP rank keeps only its block of about ``N / W`` probabilities and loss histories;
+            the losses go to their owners, the mixture is fit on rank 0 to the same losses and broadcast
+            (:func:`~lightning_noisy.callbacks.sharded_division.clean_probability_sharded`: the same
+            probabilities bit for bit). ``None``: whenever the world size is > 1; ``False``: every rank
+            holds all ``N``.
+        storage_dtype: dtype of the probabilities and the loss history (``"float32"``, ``"bfloat16"`` or
+            ``"float16"``).
+        storage_topk: must be ``None``: the state is one value per sample.
         key: distinguishes two instances in one checkpoint (e.g. one per network).
     """
 
@@ -336,9 +362,14 @@ class CoDivideCallback(SampleStateCallback):
         model_fn: ModelFn | None = None,
         per_class: bool = False,
         seed: int = 0,
+        shard_state: bool | None = None,
+        storage_dtype: StorageDtype = "float32",
+        storage_topk: int | None = None,
         key: str | None = None,
     ) -> None:
-        super().__init__(key=key)
+        super().__init__(key=key, state_options=StateOptions(shard_state, storage_dtype, storage_topk))
+        if storage_topk is not None:
+            raise ValueError(f"storage_topk must be None: CoDivideCallback keeps one value per sample, got {storage_topk!r}")
         self.start_epoch = _check_int("start_epoch", start_epoch, 0)
         if (
             isinstance(p_threshold, bool)
@@ -383,27 +414,42 @@ class CoDivideCallback(SampleStateCallback):
 
     @property
     def probability(self) -> Tensor:
-        """``[N]`` float32 clean probability of every training sample."""
-        return self._require().values
+        """``[N]`` float32 clean probability of every training sample.
+
+        With sharded state the ranks' blocks are gathered: a collective, call it on every rank
+        (:meth:`local_probability` reads this rank's block alone).
+        """
+        buffer = self._require()
+        return gather_scalars(buffer.values, self._sharded, self.collective_device)
+
+    def local_probability(self) -> tuple[Tensor, Tensor]:
+        """``(index [R], probability [R])``: the dataset indices this rank holds and their clean probabilities."""
+        buffer = self._require()
+        return buffer.index, buffer.values
 
     @property
     def clean_mask(self) -> Tensor:
-        """``[N]`` bool: ``probability > p_threshold`` (the labelled set)."""
+        """``[N]`` bool: ``probability > p_threshold`` (the labelled set); a collective when sharded."""
         return self.probability > self.p_threshold
 
     def labelled_index(self) -> Tensor:
-        """``[L]`` int64 indices of the labelled (probably clean) samples."""
+        """``[L]`` int64 indices of the labelled (probably clean) samples; a collective when sharded."""
         return torch.nonzero(self.clean_mask).flatten()
 
     def unlabelled_index(self) -> Tensor:
-        """``[N - L]`` int64 indices of the unlabelled (probably mislabelled) samples."""
+        """``[N - L]`` int64 indices of the unlabelled (probably mislabelled) samples; a collective when sharded."""
         return torch.nonzero(~self.clean_mask).flatten()
+
+    @property
+    def _sharded(self) -> bool:
+        return self._probability is not None and self._probability.layout.is_sharded
 
     # -- the division ---------------------------------------------------------------------------
     def compute_losses(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model_fn: ModelFn | None = None) -> Tensor:
         """``[N]`` float32 per-sample cross-entropy of the whole training set, identical on every rank.
 
-        A collective under DDP: call it on every rank. Sets :attr:`last_pass_seconds`.
+        With sharded state, ``[R]``: the losses of the rows this rank holds. A collective under DDP: call
+        it on every rank. Sets :attr:`last_pass_seconds`.
         """
         if self.training_labels is None:
             raise RuntimeError("CoDivideCallback: the training labels are unknown before the fit starts")
@@ -420,6 +466,7 @@ class CoDivideCallback(SampleStateCallback):
                 rank=trainer.global_rank,
                 world_size=trainer.world_size,
                 collective_device=trainer.strategy.root_device,
+                layout=None if self._probability is None else self._probability.layout,
             )
         finally:
             pl_module.train(was_training)
@@ -429,32 +476,40 @@ class CoDivideCallback(SampleStateCallback):
     def divide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model_fn: ModelFn | None = None) -> Tensor:
         """Loss pass, loss averaging and mixture fit; stores and returns ``[N]`` float32 :attr:`probability`.
 
-        A collective under DDP: call it on every rank. Each call appends one epoch to the loss history.
+        With sharded state, returns ``[R]``, this rank's block. A collective under DDP: call it on every
+        rank. Each call appends one epoch to the loss history.
         """
-        if self._probability is None or self._history is None:
+        if self._probability is None or self._history is None or self.training_labels is None:
             raise RuntimeError("CoDivideCallback.divide needs the training labels: call it once the fit has started")
         losses = self.compute_losses(trainer, pl_module, model_fn)
         self.last_losses = losses
-        everyone = torch.arange(losses.shape[0])
-        self._history.append(everyone, normalise_losses(losses))
-        averaged = self._history.mean() if self.num_average > 1 else normalise_losses(losses)
+        rows, device = self._probability.index, trainer.strategy.root_device
+        sharded = self._sharded and trainer.world_size > 1
+        normalised = normalise_losses_sharded(losses, device) if sharded else normalise_losses(losses)
+        self._history.append(rows, normalised)
+        averaged = self._history.mean() if self.num_average > 1 else normalised
         start = time.perf_counter()
         gmm = {"max_iter": self.gmm_max_iter, "tol": self.gmm_tol, "reg_covar": self.gmm_reg_covar, "seed": self.seed,
                "max_fit_samples": self.gmm_max_fit_samples}
-        if self.per_class:
-            assert self.training_labels is not None
-            probability = per_class_clean_probability(averaged, self.training_labels.noisy, **gmm)
+        labels = self.training_labels
+        if sharded:
+            groups = labels.noisy[rows] if self.per_class else None
+            probability = clean_probability_sharded(
+                averaged, groups, labels.num_classes if self.per_class else 1, device=device, **gmm)
+        elif self.per_class:
+            probability = per_class_clean_probability(averaged, labels.noisy, **gmm)
         else:
             probability = clean_probability(averaged, **gmm)
         self.last_gmm_seconds = time.perf_counter() - start
-        self._probability.write(everyone, probability)
+        self._probability.write(rows, probability)
         return self._probability.values
 
     # -- hooks ----------------------------------------------------------------------------------
     @override
     def allocate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, labels: TrainingLabels) -> None:
-        self._probability = SampleBuffer(labels.num_samples, (), torch.float32, fill=1.0)
-        self._history = SampleHistory(labels.num_samples, self.num_average, (), torch.float32)
+        layout, dtype = self.row_layout(trainer, labels.num_samples), self.state_options.dtype
+        self._probability = SampleBuffer(labels.num_samples, (), dtype, fill=1.0, layout=layout)
+        self._history = SampleHistory(labels.num_samples, self.num_average, (), dtype, layout=layout)
 
     @override
     def on_epoch_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -465,7 +520,8 @@ class CoDivideCallback(SampleStateCallback):
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.training_labels is not None
-        probability, mask = self.probability, self.clean_mask
+        probability = self.probability  # gathered when sharded: N scalars
+        mask = probability > self.p_threshold
         for name, empty in (("labelled", not bool(mask.any())), ("unlabelled", bool(mask.all()))):
             if empty and name not in self._warned_empty:
                 self._warned_empty.add(name)
