@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Sampler
 
 from lightning_noisy.callbacks import AUMCallback, LabelCorrectionCallback, NoisyLabelMonitor
+from lightning_noisy.data import EpochShuffleSampler, ResumableDataLoader
 from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder, SampleRunningMean
 from lightning_noisy.state.records import reduce_parts
 from lightning_noisy.state import checkpoint as row_checkpoint
@@ -459,3 +460,64 @@ def test_strategy_writes_each_ranks_rows_and_any_world_size_resumes_them(tmp_pat
     shutil.copytree(tmp_path / "two" / "epoch=1-step=8.ckpt.sample_state", tmp_path / "two" / "last.ckpt.sample_state")
     with pytest.raises(RuntimeError, match="another save"):
         _fit(tmp_path / "refused.pt", 1, None, max_epochs=3, ckpt=tmp_path / "two" / "last.ckpt")
+
+
+# -- a run killed mid-epoch resumes from its last checkpoint exactly --------------------------------------
+
+
+class KillAt(pl.Callback):
+    """Raises before the training step ``step``, as a preempted job would stop."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"killed before step {self.step}")
+
+
+def _fit_resumable(out: Path, devices: int, local_rows: bool = False, every: int | None = None,
+                   kill: int | None = None, ckpt: Path | None = None) -> dict[str, Any] | None:
+    pl.seed_everything(3, verbose=False)
+    dataset = toy_dataset(n=29, noisy_every=4)
+    if devices > 1:  # Lightning puts in a DistributedSampler: its order is a function of (seed, epoch)
+        loader = ResumableDataLoader(dataset, batch_size=4, shuffle=True)
+    else:
+        loader = ResumableDataLoader(dataset, batch_size=4, sampler=EpochShuffleSampler(dataset, seed=1))
+    callbacks: list[pl.Callback] = [
+        LabelsToFile(out, update="hard", num_average_epochs=2, start_epoch=1, fetch_window=2),
+        NoisyLabelMonitor(histogram=False), AUMCallback(threshold_samples=False, histogram=False),
+    ]
+    if every is not None:
+        callbacks.append(ModelCheckpoint(dirpath=out.parent / "mid", every_n_train_steps=every, save_top_k=-1))
+    if kill is not None:
+        callbacks.append(KillAt(kill))
+    strategy = (SpawnShardedStateStrategy() if local_rows else SpawnDDPStrategy()) if devices > 1 else "auto"
+    fit = trainer(devices=devices, strategy=strategy, max_epochs=3, callbacks=callbacks, enable_checkpointing=every is not None)
+    try:
+        fit.fit(PlainClassifier(lr=0.5), loader, ckpt_path=None if ckpt is None else str(ckpt))
+    except Exception as error:  # noqa: BLE001 - the kill, raised in the worker processes
+        assert kill is not None and "killed before step" in str(error), error
+        return None
+    return torch.load(out)
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize(("devices", "local_rows"), [(1, False), (2, False), (2, True)],
+                         ids=["one-process", "2-ranks-gathered", "2-ranks-dcp"])
+def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint_exactly(tmp_path: Path, devices: int, local_rows: bool) -> None:
+    # one process: 8 batches an epoch; two ranks: 4 per rank. The checkpoint is taken in epoch 1 (records kept)
+    every = 10 if devices == 1 else 6
+    full = _fit_resumable(tmp_path / "full.pt", devices)
+    assert _fit_resumable(tmp_path / "killed.pt", devices, local_rows, every=every, kill=every + 1) is None
+    (ckpt,) = (tmp_path / "mid").glob(f"epoch=1-step={every}.ckpt")
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"batches": every - (8 if devices == 1 else 4)}]
+    in_flight = next(v for k, v in saved["callbacks"].items() if k.startswith("LabelsToFile"))["in_flight"]
+    if local_rows:
+        assert set(in_flight) == {"sharded_records"}  # each rank wrote its own records beside the file
+    else:
+        assert len(in_flight["ranks"]) == devices and all(r["predictions__index"].numel() > 0 for r in in_flight["ranks"])
+    resumed = _fit_resumable(tmp_path / "resumed.pt", devices, local_rows, ckpt=ckpt)
+    assert full is not None and resumed is not None
+    _assert_same_run(resumed, full)

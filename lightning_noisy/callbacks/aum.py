@@ -409,3 +409,18 @@ class AUMCallback(SampleStateCallback):
         if self.margin_sum is None or self.margin_count is None:
             return {}
         return {"margin_sum": self.margin_sum, "margin_count": self.margin_count}
+
+    @override
+    def in_flight_state(self) -> dict[str, Tensor]:
+        """This rank's margin sums and counts of the epoch in progress ``[N]`` (empty at an epoch boundary)."""
+        if self._epoch_count is None or not bool(self._epoch_count.any()):
+            return {}
+        return {"epoch_sum": self._epoch_sum.cpu().clone(), "epoch_count": self._epoch_count.cpu().clone()}
+
+    @override
+    def load_in_flight_state(self, states: list[dict[str, Tensor]]) -> None:
+        assert self._epoch_sum is not None and self._epoch_count is not None
+        for state in states:  # in rank order; with the world size unchanged, this rank's own sums
+            if "epoch_sum" in state:
+                self._epoch_sum += state["epoch_sum"].to(self._epoch_sum)
+                self._epoch_count += state["epoch_count"].to(self._epoch_count)

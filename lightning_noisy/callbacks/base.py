@@ -18,7 +18,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from typing_extensions import override
 
 from lightning_noisy.state import BatchContract, SampleBuffer, SampleHistory, StepContext
-from lightning_noisy.state.checkpoint import LocalRows, read_local_rows
+from lightning_noisy.state.checkpoint import LocalRecords, LocalRows, read_local_records, read_local_rows
+from lightning_noisy.state.gather import is_distributed
+from lightning_noisy.state.records import SampleRecorder
 from lightning_noisy.state.layout import RowLayout
 from lightning_noisy.state.sharded import state_on_rank_zero
 from lightning_noisy.state.storage import StateOptions
@@ -215,6 +217,32 @@ class SampleStateCallback(Callback):
         """Small non-buffer state to checkpoint beside the buffers (counters, switches)."""
         return {}
 
+    def sample_recorders(self) -> dict[str, SampleRecorder | None]:
+        """This rank's recorders of the epoch in progress, by name (word characters only)."""
+        return {}
+
+    def in_flight_state(self) -> dict[str, Tensor]:
+        """This rank's records of the epoch in progress, by name: what a checkpoint taken mid-epoch must keep.
+
+        By default the pending records of :meth:`sample_recorders`; empty at an epoch boundary.
+        """
+        out: dict[str, Tensor] = {}
+        for name, recorder in self.sample_recorders().items():
+            if recorder is not None and len(recorder):
+                index, parts = recorder.pending()
+                out[f"{name}__index"] = index
+                out.update({f"{name}__{part}": tensor for part, tensor in parts.items()})
+        return out
+
+    def load_in_flight_state(self, states: list[dict[str, Tensor]]) -> None:
+        """Restore :meth:`in_flight_state` from the saved ranks this rank takes over, in rank order (with the
+        world size unchanged, its own rank's alone). By default the records go back into their recorders."""
+        for state in states:
+            for name, recorder in self.sample_recorders().items():
+                if recorder is not None and f"{name}__index" in state:
+                    parts = {part: state[f"{name}__{part}"] for part in recorder.codec.empty(0)}
+                    recorder.add_parts(state[f"{name}__index"], parts)
+
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`extra_state_dict`."""
 
@@ -240,10 +268,12 @@ class SampleStateCallback(Callback):
         return summed.cpu()
 
     def sample_state_dict(self) -> dict[str, Any]:
-        """The buffers' states and :meth:`extra_state_dict`.
+        """The buffers' states, :meth:`extra_state_dict` and every rank's :meth:`in_flight_state`.
 
         A sharded buffer's state is the whole table on rank 0 (a collective), or, when the strategy writes
-        sharded rows itself, this rank's block as :class:`~lightning_noisy.state.checkpoint.LocalRows`.
+        sharded rows itself, this rank's block as :class:`~lightning_noisy.state.checkpoint.LocalRows`. The
+        records of an epoch in progress go to rank 0 likewise (a collective), or stay with their rank as
+        :class:`~lightning_noisy.state.checkpoint.LocalRecords`.
         """
         states: dict[str, Any] = {}
         for name, buffer in self.sample_buffers().items():
@@ -251,7 +281,18 @@ class SampleStateCallback(Callback):
                 states[name] = LocalRows(buffer.state_dict())
             else:
                 states[name] = state_on_rank_zero(buffer, self.collective_device)
-        return {"buffers": states, "extra": self.extra_state_dict()}
+        return {"buffers": states, "extra": self.extra_state_dict(), "in_flight": self._in_flight_state_dict()}
+
+    def _in_flight_state_dict(self) -> Any:
+        records = self.in_flight_state()
+        if not is_distributed():
+            return {"world_size": 1, "ranks": [records]}
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if self._rows_to_strategy:
+            return LocalRecords(rank, world, records)
+        gathered: list[Any] | None = [None] * world if rank == 0 else None
+        torch.distributed.gather_object(records, gathered, dst=0)
+        return {"world_size": world, "ranks": gathered if rank == 0 else [records]}
 
     def load_sample_state_dict(self, state: dict[str, Any], checkpoint_path: str | None = None) -> None:
         """Restore :meth:`sample_state_dict` after :meth:`allocate`: every buffer is checked before any changes.
@@ -273,6 +314,9 @@ class SampleStateCallback(Callback):
         for name, buffer in buffers.items():
             buffer.load_state_dict(saved[name])
         self.load_extra_state_dict(state["extra"])
+        if "in_flight" in state:
+            rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
+            self.load_in_flight_state(read_local_records(state["in_flight"], rank, world, checkpoint_path))
 
     # -- Lightning hooks -----------------------------------------------------------------------
     @override

@@ -329,6 +329,10 @@ class ForwardCorrectionCallback(SampleStateCallback):
         return {}
 
     @override
+    def sample_recorders(self) -> dict[str, SampleRecorder | None]:
+        return {"predictions": self._recorder}
+
+    @override
     def extra_state_dict(self) -> dict[str, Any]:
         return {
             "transition": None if self._transition is None else self._transition.clone(),

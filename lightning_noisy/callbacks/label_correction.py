@@ -204,6 +204,10 @@ class LabelCorrectionCallback(SampleStateCallback):
         return {"labels": self._labels, "history": self._history}
 
     @override
+    def sample_recorders(self) -> dict[str, SampleRecorder | None]:
+        return {"predictions": self._recorder}
+
+    @override
     def extra_state_dict(self) -> dict[str, Any]:
         return {"num_updates": self._num_updates, "frozen": self.frozen}
 

@@ -106,3 +106,7 @@ class NoisyLabelMonitor(SampleStateCallback):
         if self.predictions is None or self.losses is None:
             return {}
         return {"predictions": self.predictions, "losses": self.losses}
+
+    @override
+    def sample_recorders(self) -> dict[str, SampleRecorder | None]:
+        return {"loss": self._loss, "prediction": self._prediction}

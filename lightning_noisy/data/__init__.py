@@ -8,6 +8,7 @@ from lightning_noisy.data.datamodules import (
     NoisyDataModule,
 )
 from lightning_noisy.data.dataset import NoisyLabelDataset, TensorPairDataset
+from lightning_noisy.data.loader import ResumableDataLoader
 from lightning_noisy.data.sampler import EpochShuffleSampler
 from lightning_noisy.data.noise import (
     CIFAR10_ASYMMETRIC_MAP,
@@ -44,6 +45,7 @@ __all__ = [
     "NoisyDataModule",
     "NoisyLabelDataset",
     "NoisyLabels",
+    "ResumableDataLoader",
     "TensorPairDataset",
     "asymmetric_noise",
     "instance_dependent_noise",

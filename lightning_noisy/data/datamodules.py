@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from lightning_noisy.data import noise
 from lightning_noisy.data.dataset import NoisyLabelDataset, TensorPairDataset
+from lightning_noisy.data.loader import ResumableDataLoader
 from lightning_noisy.data.sampler import EpochShuffleSampler
 from lightning_noisy.data.noise import (
     CIFAR10N_LABEL_KEYS,
@@ -279,8 +280,9 @@ class NoisyDataModule(LightningDataModule, ABC):
         )
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
-        # the shuffled order is a function of (noise_seed, epoch) only, so a resumed run sees the same batches
-        return DataLoader(
+        # the shuffled order is a function of (noise_seed, epoch) only, so a resumed run sees the same batches;
+        # the training loader also resumes mid-epoch at the batch where a checkpoint was taken
+        return (ResumableDataLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=EpochShuffleSampler(dataset, seed=self.noise_seed) if shuffle else None,

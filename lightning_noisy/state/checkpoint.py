@@ -10,6 +10,10 @@ any world size reads only the chunks that overlap the rows each rank then owns.
 - :func:`split_local_rows`: the checkpoint with placeholders, and this rank's chunks (what the strategy saves).
 - :func:`read_local_rows`: a callback's saved buffer states with placeholders replaced by the rows a rank
   now owns (a collective when distributed).
+
+Records of an epoch in progress (a checkpoint taken mid-epoch) are per rank, not per row: with the
+strategy each rank writes its own (:class:`LocalRecords`); :func:`read_local_records` gives a rank the
+records of the saved ranks it takes over.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from lightning_noisy.state.storage import chunk_rows
 
 SAMPLE_STATE_SUFFIX = ".sample_state"
 PLACEHOLDER = "sharded_rows"
+RECORDS_PLACEHOLDER = "sharded_records"
 NONCE_KEY = "nonce"
 _CHUNK_KEY = re.compile(r"^(?P<prefix>rows\d+)\.(?P<name>\w+)\.(?P<begin>\d+)\.(?P<end>\d+)$")
+_RECORD_KEY = re.compile(r"^(?P<prefix>records\d+)\.r(?P<rank>\d+)\.(?P<name>\w+)$")
 
 
 @dataclass
@@ -39,6 +45,15 @@ class LocalRows:
     """A sharded buffer's ``state_dict()`` of the rows this rank owns, to be written by the strategy with DCP."""
 
     state: dict[str, Any]
+
+
+@dataclass
+class LocalRecords:
+    """This rank's records of the epoch in progress (tensors by name), to be written by the strategy with DCP."""
+
+    rank: int
+    world_size: int
+    tensors: dict[str, Tensor]
 
 
 def sample_state_directory(checkpoint_path: str | os.PathLike) -> str:
@@ -66,10 +81,16 @@ def split_local_rows(checkpoint: dict[str, Any], directory_name: str, nonce: str
         the buffers in the dict's order, the same on every rank. Empty when there is no :class:`LocalRows`.
     """
     rows: dict[str, Any] = {}
-    count = 0
+    count = records = 0
 
     def visit(node: Any) -> Any:
-        nonlocal count
+        nonlocal count, records
+        if isinstance(node, LocalRecords):
+            prefix, records = f"records{records}", records + 1
+            for name, tensor in node.tensors.items():
+                rows[f"{prefix}.r{node.rank}.{name}"] = tensor.contiguous()
+            return {RECORDS_PLACEHOLDER: {"directory": directory_name, "prefix": prefix, "nonce": nonce,
+                                          "world_size": node.world_size}}
         if isinstance(node, LocalRows):
             prefix, count = f"rows{count}", count + 1
             state = node.state
@@ -90,7 +111,7 @@ def split_local_rows(checkpoint: dict[str, Any], directory_name: str, nonce: str
         return node
 
     out = visit(checkpoint)
-    if count:
+    if count or records:
         rows[NONCE_KEY] = nonce
     return out, rows
 
@@ -98,6 +119,63 @@ def split_local_rows(checkpoint: dict[str, Any], directory_name: str, nonce: str
 def is_placeholder(state: Any) -> bool:
     """Whether a saved buffer state is a placeholder for rows written with DCP."""
     return isinstance(state, dict) and set(state) == {PLACEHOLDER}
+
+
+def _open(placeholders: list[dict[str, Any]], checkpoint_path: str | os.PathLike | None) -> tuple[str, Any]:
+    """The one DCP directory of ``placeholders`` and its reader."""
+    directories = {_directory_of(p, checkpoint_path) for p in placeholders}
+    if len(directories) != 1:
+        raise RuntimeError(f"the per-sample states point to several directories: {sorted(directories)}")
+    directory = directories.pop()
+    if not os.path.isdir(directory):
+        raise RuntimeError(
+            f"the checkpoint's sharded per-sample state is missing: no directory {directory!r} beside the checkpoint "
+            "file (it is written next to the file and must be copied with it)"
+        )
+    return directory, dcp.FileSystemReader(directory)
+
+
+def _load(wanted: dict[str, Any], reader: Any, directory: str, nonce: str) -> None:
+    """Read ``wanted`` (and the directory's nonce) with one DCP load; refuse another save's directory."""
+    wanted[NONCE_KEY] = ""
+    with warnings.catch_warnings():  # one process reads on purpose (a resume on one device)
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(wanted, storage_reader=reader, no_dist=not is_distributed())
+    if wanted.pop(NONCE_KEY) != nonce:
+        raise RuntimeError(
+            f"the directory {directory!r} holds the per-sample state of another save (the checkpoint file expects "
+            f"nonce {nonce!r}): it was overwritten or copied from elsewhere"
+        )
+
+
+def read_local_records(
+    saved: dict[str, Any], rank: int, world_size: int, checkpoint_path: str | os.PathLike | None
+) -> list[dict[str, Tensor]]:
+    """The records of an epoch in progress that rank ``rank`` of ``world_size`` takes over, one dict per saved rank.
+
+    Saved rank ``r`` goes to rank ``r % world_size``, in rank order: with the same world size each rank
+    gets exactly its own records back. ``saved`` is ``{"world_size": W, "ranks": [records of rank r, ...]}``
+    or a placeholder of :class:`LocalRecords` written with DCP (then a collective: call on every rank).
+    """
+    if not (isinstance(saved, dict) and set(saved) == {RECORDS_PLACEHOLDER}):
+        ranks = saved["ranks"]
+        return [ranks[r] for r in range(len(ranks)) if r % world_size == rank]
+    placeholder = saved[RECORDS_PLACEHOLDER]
+    directory, reader = _open([placeholder], checkpoint_path)
+    mine = {r for r in range(int(placeholder["world_size"])) if r % world_size == rank}
+    wanted: dict[str, Any] = {}
+    for key, meta in reader.read_metadata().state_dict_metadata.items():
+        match = _RECORD_KEY.match(key)
+        if match is not None and match["prefix"] == placeholder["prefix"] and int(match["rank"]) in mine:
+            wanted[key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+    _load(wanted, reader, directory, placeholder["nonce"])
+    out: list[dict[str, Tensor]] = [{} for _ in sorted(mine)]
+    order = {r: position for position, r in enumerate(sorted(mine))}
+    for key, tensor in wanted.items():
+        match = _RECORD_KEY.match(key)
+        assert match is not None
+        out[order[int(match["rank"])]][match["name"]] = tensor
+    return out
 
 
 def _directory_of(placeholder: dict[str, Any], checkpoint_path: str | os.PathLike | None) -> str:
@@ -128,18 +206,9 @@ def read_local_rows(
     placeholders = {name: state[PLACEHOLDER] for name, state in states.items() if is_placeholder(state)}
     if not placeholders:
         return states
-    directories = {_directory_of(p, checkpoint_path) for p in placeholders.values()}
-    if len(directories) != 1:
-        raise RuntimeError(f"the per-sample states point to several directories: {sorted(directories)}")
-    directory = directories.pop()
-    if not os.path.isdir(directory):
-        raise RuntimeError(
-            f"the checkpoint's sharded per-sample state is missing: no directory {directory!r} beside the checkpoint "
-            "file (it is written next to the file and must be copied with it)"
-        )
-    reader = dcp.FileSystemReader(directory)
+    directory, reader = _open(list(placeholders.values()), checkpoint_path)
     metadata = reader.read_metadata().state_dict_metadata
-    wanted: dict[str, Any] = {NONCE_KEY: ""}
+    wanted: dict[str, Any] = {}
     pieces: dict[str, dict[str, list[tuple[int, str]]]] = {name: {} for name in placeholders}
     templates: dict[tuple[str, str], Any] = {}
     prefixes = {p["prefix"]: name for name, p in placeholders.items()}
@@ -154,17 +223,12 @@ def read_local_rows(
         if begin < layout.stop and end > layout.start:
             wanted[key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
             pieces[name].setdefault(match["name"], []).append((begin, key))
-    with warnings.catch_warnings():  # one process reads on purpose (a resume on one device)
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        dcp.load(wanted, storage_reader=reader, no_dist=not is_distributed())
+    nonces = {p["nonce"] for p in placeholders.values()}
+    if len(nonces) != 1:
+        raise RuntimeError(f"the per-sample states come from several saves: {sorted(nonces)}")
+    _load(wanted, reader, directory, nonces.pop())
     out = dict(states)
     for name, placeholder in placeholders.items():
-        if wanted[NONCE_KEY] != placeholder["nonce"]:
-            raise RuntimeError(
-                f"the directory {directory!r} holds the per-sample state of another save (nonce "
-                f"{wanted[NONCE_KEY]!r}, the checkpoint file expects {placeholder['nonce']!r}): it was overwritten "
-                "or copied from elsewhere"
-            )
         layout, state = layouts[name], dict(placeholder["header"])
         begins: set[int] = set()
         for tensor in placeholder["tensors"]:

@@ -160,6 +160,28 @@ class SampleRecorder:
             self._parts[name][self._size : self._size + rows] = part
         self._size += rows
 
+    def add_parts(self, index: Tensor, parts: RowParts) -> None:
+        """Record ``index [B]`` with values already in this recorder's stored form (e.g. :meth:`pending` restored)."""
+        expected = self.codec.empty(0)
+        if index.ndim != 1 or set(parts) != set(expected) or any(
+            part.dtype != expected[name].dtype or tuple(part.shape) != (index.shape[0], *expected[name].shape[1:])
+            for name, part in parts.items()
+        ):
+            got = {name: (tuple(part.shape), part.dtype) for name, part in parts.items()}
+            want = {name: (("B", *part.shape[1:]), part.dtype) for name, part in expected.items()}
+            raise ValueError(f"records in stored form must be {want} for index [B], got index {tuple(index.shape)} and {got}")
+        rows = int(index.shape[0])
+        self._reserve(rows, self._index.device if self._size else index.device)
+        self._index[self._size : self._size + rows] = index
+        for name, part in parts.items():
+            self._parts[name][self._size : self._size + rows] = part.to(self._parts[name].device)
+        self._size += rows
+
+    def pending(self) -> tuple[Tensor, RowParts]:
+        """``(index [M], parts)``: copies of this rank's records not yet gathered, in the order they came, on the CPU."""
+        begin, end = self._taken, self._size
+        return self._index[begin:end].cpu().clone(), {name: part[begin:end].cpu().clone() for name, part in self._parts.items()}
+
     def clear(self) -> None:
         """Drop the records of this rank (and their buffers)."""
         self._index, self._parts = torch.empty(0, dtype=torch.long), self.codec.empty(0)
