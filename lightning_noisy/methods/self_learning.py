@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_noisy.callbacks.base import find_training_labels, train_eval_loader
+from lightning_noisy.callbacks.base import find_training_labels, rank_batches, train_eval_loader
 from lightning_noisy.methods.classifier import NoisyClassifier, resize_sample_buffers, split_batch
 from lightning_noisy.state import BatchContract
+from lightning_noisy.state.gather import all_gather_uneven, is_distributed
 
 __all__ = ["SelfLearning", "pseudo_labels", "select_prototypes", "similarity_density"]
 
@@ -123,8 +124,9 @@ class SelfLearning(NoisyClassifier):
     DataModule's ``train_eval_dataloader()``, else the training dataset with the training loader's batch
     size) gives the features (:meth:`correction_features`); for each class, ``num_sampled`` samples of that noisy
     label are drawn at random, and :func:`select_prototypes` picks ``num_prototypes`` prototypes among them;
-    every training sample gets the pseudo label :func:`pseudo_labels`. Training then minimises
-    ``(1 - alpha) L(logits, noisy y) + alpha L(logits, pseudo y)``.
+    every training sample gets the pseudo label :func:`pseudo_labels`. Under DDP the pass is split between
+    the ranks and only the sampled features travel (:meth:`correct_labels_distributed`), so no rank holds
+    the ``[N, D]`` features. Training then minimises ``(1 - alpha) L(logits, noisy y) + alpha L(logits, pseudo y)``.
 
     The pseudo labels live in the buffer ``pseudo_label`` ``[N]`` (``-1`` before the first correction), so
     they are checkpointed. The batch must carry the dataset index (``[x, y, index]``, or taken out by the
@@ -214,29 +216,56 @@ class SelfLearning(NoisyClassifier):
         return self.backbone.features(x)
 
     @torch.no_grad()
-    def training_features(self) -> Tensor:
-        """``[N, D]`` features of the whole training set (eval mode, no grad), on this module's device."""
-        n = int(self._noisy.shape[0]) if self._noisy is not None else None
+    def rank_features(self, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
+        """``(index [M], features [M, D])`` of this rank's share of the training set (eval mode, no grad).
+
+        The batches ``batch_idx % world_size == rank`` of the in-order training loader
+        (:func:`~lightning_noisy.callbacks.base.rank_batches`); the features are on this module's device.
+        """
         was_training = self.training
         self.eval()
         chunks: list[tuple[Tensor, Tensor]] = []
-        position = 0
+        loader = train_eval_loader(self.trainer, "SelfLearning")
         try:
-            for batch in train_eval_loader(self.trainer, "SelfLearning"):
+            for batch_idx, batch in rank_batches(loader, rank, world_size):
                 x = batch[0].to(self.device)
                 index = batch[2] if isinstance(batch, (list, tuple)) and len(batch) == 3 else None
-                if index is None:
-                    index = torch.arange(position, position + x.shape[0])
-                position += x.shape[0]
+                if index is None:  # in order: batch b starts at b x batch size
+                    start = batch_idx * int(loader.batch_size or x.shape[0])
+                    index = torch.arange(start, start + x.shape[0])
                 chunks.append((index.long().cpu(), self.correction_features(x).float()))
         finally:
             self.train(was_training)
-        index = torch.cat([c[0] for c in chunks])
-        feats = torch.cat([c[1] for c in chunks])
-        total = n if n is not None else int(index.max()) + 1
+        if not chunks:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, 0, device=self.device)
+        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+
+    def training_features(self) -> Tensor:
+        """``[N, D]`` features of the whole training set (eval mode, no grad), on this module's device."""
+        index, feats = self.rank_features()
+        total = int(self._noisy.shape[0]) if self._noisy is not None else int(index.max()) + 1
         out = feats.new_zeros(total, feats.shape[1])
         out[index.to(feats.device)] = feats
         return out
+
+    def sampled_indices(self, noisy: Tensor, epoch: int) -> list[Tensor]:
+        """Per class, the dataset indices of the (at most) ``num_sampled`` samples its prototypes are chosen
+        from: a draw seeded by ``(seed, epoch)``, the same on every rank."""
+        generator = self.sample_generator(epoch)
+        noisy = noisy.cpu()
+        sampled = []
+        for c in range(self.num_classes):
+            members = (noisy == c).nonzero().flatten()
+            if members.numel():
+                members = members[torch.randperm(members.numel(), generator=generator)[: self.hparams.num_sampled]]
+            sampled.append(members)
+        return sampled
+
+    def class_prototypes(self, sampled_features: Sequence[Tensor]) -> list[Tensor]:
+        """Each class's prototypes ``[p_c, D]`` among its sampled features ``[m_c, D]`` (none for ``m_c = 0``)."""
+        hp = self.hparams
+        return [features[select_prototypes(features, hp.num_prototypes, hp.percentile, hp.eta_max)]
+                if features.shape[0] else features for features in sampled_features]
 
     def correct_labels(self, features: Tensor, noisy: Tensor, epoch: int) -> Tensor:
         """Prototypes per class from a seeded sample of ``features``, then the pseudo labels ``[N]``.
@@ -246,20 +275,48 @@ class SelfLearning(NoisyClassifier):
             noisy: ``[N]`` noisy labels.
             epoch: seeds the sampling (with ``seed``).
         """
-        hp = self.hparams
-        generator = self.sample_generator(epoch)
-        noisy = noisy.cpu()
-        prototypes: list[Tensor] = []
-        for c in range(self.num_classes):
-            members = (noisy == c).nonzero().flatten()
-            if members.numel() == 0:
-                prototypes.append(features.new_zeros(0, features.shape[1]))
-                continue
-            chosen = members[torch.randperm(members.numel(), generator=generator)[: hp.num_sampled]]
-            class_features = features[chosen.to(features.device)]
-            picked = select_prototypes(class_features, hp.num_prototypes, hp.percentile, hp.eta_max)
-            prototypes.append(class_features[picked])
+        sampled = self.sampled_indices(noisy, epoch)
+        prototypes = self.class_prototypes([features[index.to(features.device)] for index in sampled])
         return pseudo_labels(features, prototypes)
+
+    def correct_labels_distributed(self, noisy: Tensor, epoch: int) -> Tensor:
+        """:meth:`correct_labels` of the whole training set, the feature pass split between the DDP ranks.
+
+        Each rank computes the features of its share of the batches only; the sampled samples' features
+        are gathered (``C x num_sampled`` rows, not ``N``), every rank picks the same prototypes, labels its
+        own share, and the ``[N]`` pseudo labels are gathered. A collective: call it on every rank. The
+        labels are those of one process running the whole pass, bit for bit.
+        """
+        assert self._trainer is not None
+        trainer, device = self.trainer, self.trainer.strategy.root_device
+        index, features = self.rank_features(trainer.global_rank, trainer.world_size)
+        sampled = self.sampled_indices(noisy, epoch)
+        wanted = torch.cat(sampled)
+        order = torch.argsort(index)
+        position = torch.searchsorted(index[order], wanted).clamp(max=max(index.numel() - 1, 0))
+        held = (index[order][position] == wanted) if index.numel() else torch.zeros_like(wanted, dtype=torch.bool)
+        slots = torch.nonzero(held).flatten()
+        rows = features[order[position[held]].to(features.device)]
+        dim = torch.tensor([features.shape[1] if index.numel() else 0], device=device)
+        torch.distributed.all_reduce(dim, op=torch.distributed.ReduceOp.MAX)  # a rank without batches still sends
+        rows = rows.reshape(-1, int(dim)).to(device)
+        pairs = torch.cat([slots.to(device, torch.float64)[:, None], rows.double()], 1)
+        gathered = torch.cat(all_gather_uneven(pairs)).cpu()
+        sampled_features = torch.empty(wanted.numel(), int(dim))
+        sampled_features[gathered[:, 0].long()] = gathered[:, 1:].float()
+        sizes = [s.numel() for s in sampled]
+        prototypes = self.class_prototypes(list(sampled_features.to(self.device).split(sizes)))  # where one process has them
+        mine = pseudo_labels(features.reshape(-1, int(dim)), prototypes).cpu() if index.numel() else index
+        labelled = torch.stack([index, mine], 1).to(device)
+        everyone = torch.cat(all_gather_uneven(labelled)).cpu()
+        labels = torch.full((noisy.shape[0],), -1, dtype=torch.long)
+        labels[everyone[:, 0]] = everyone[:, 1]
+        if everyone.shape[0] != noisy.shape[0] or bool((labels < 0).any()):
+            raise RuntimeError(
+                f"SelfLearning's feature pass covered {everyone.shape[0]} samples, expected each of the "
+                f"{noisy.shape[0]} training samples once"
+            )
+        return labels
 
     @override
     def on_train_start(self) -> None:
@@ -274,8 +331,10 @@ class SelfLearning(NoisyClassifier):
         epoch = self.current_epoch
         if not self.is_correction_epoch(epoch) or self._noisy is None:
             return
-        features = self.training_features()
-        labels = self.correct_labels(features, self._noisy, epoch)
+        if self._trainer is not None and self.trainer.world_size > 1 and is_distributed():
+            labels = self.correct_labels_distributed(self._noisy, epoch)
+        else:
+            labels = self.correct_labels(self.training_features(), self._noisy, epoch)
         self.pseudo_label = labels.to(self.pseudo_label.device)
         noisy = self._noisy.to(labels.device)
         self.log("noisy/pseudo_label_changed", (labels != noisy).float().mean(), on_step=False, on_epoch=True)
