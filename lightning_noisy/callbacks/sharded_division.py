@@ -26,16 +26,18 @@ def mixture_posterior(params: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Posterior of the lower-mean component of 1-D, 2-component mixtures at ``x [M]``.
 
     Args:
-        params: ``[M, 6]`` float64 per value: the two components' weights, means and inverse standard
-            deviations (scikit-learn's ``weights_``, ``means_[:, 0]`` and ``precisions_cholesky_``).
+        params: float64 parameters of one mixture ``[6]``, or of each value's ``[M, 6]``: the two
+            components' weights, means and inverse standard deviations (scikit-learn's ``weights_``,
+            ``means_[:, 0]`` and ``precisions_cholesky_``, see :func:`mixture_params`).
         x: ``[M]`` float64 values.
 
     Returns:
-        ``[M]`` float64 ``sigmoid(log w_low N(x | low) - log w_high N(x | high))``.
+        ``[M]`` float64 ``sigmoid(log w_low N(x | low) - log w_high N(x | high))``, computed in closed form.
     """
+    params = np.atleast_2d(params)
     weights, means, precision_sqrt = params[:, 0:2], params[:, 2:4], params[:, 4:6]
     low = np.argmin(means, axis=1)
-    rows = np.arange(x.shape[0])
+    rows = np.arange(params.shape[0])  # one row per value, or one for all
 
     def log_density(k: np.ndarray) -> np.ndarray:  # log w_k + log N(x | mean_k, std_k), up to -log(2 pi) / 2
         z = (x - means[rows, k]) * precision_sqrt[rows, k]
@@ -55,21 +57,20 @@ def _all_reduce(tensor: Tensor, op: dist.ReduceOp.RedOpType, device: torch.devic
     return moved.cpu()
 
 
-def _warn(total: int, non_finite: int, finite_values: int, distinct: int) -> None:
-    """The warnings :func:`clean_probability` gives for the same losses, word for word."""
+def warn_degenerate_losses(total: int, non_finite: int, finite_values: int, distinct: int, stacklevel: int = 3) -> None:
+    """Say what the division does with ``total`` losses of which ``non_finite`` are not finite and the
+    ``finite_values`` others have ``distinct`` (0, 1, or 2 for "two or more") distinct values; silent when
+    nothing is degenerate."""
     problems = []
     if non_finite:
         problems.append(f"{non_finite} non-finite loss(es) get probability 0")
     if distinct < 2:
         problems.append(f"the {finite_values} finite loss(es) have {distinct} distinct value(s), so all get probability 1")
-        warnings.warn(f"clean_probability: degenerate losses (N={total}): " + "; ".join(problems), UserWarning, stacklevel=3)
     elif problems:
-        warnings.warn(
-            f"clean_probability: degenerate losses (N={total}): " + "; ".join(problems)
-            + "; the mixture is fit to the finite losses",
-            UserWarning,
-            stacklevel=3,
-        )
+        problems.append("the mixture is fit to the finite losses")
+    if problems:
+        warnings.warn(f"clean_probability: degenerate losses (N={total}): " + "; ".join(problems), UserWarning,
+                      stacklevel=stacklevel)
 
 
 def clean_probability_sharded(
@@ -169,7 +170,7 @@ def clean_probability_sharded(
         dist.broadcast(params, src=0)
         params = params.cpu()
     for c in present:
-        _warn(int(total[c]), int(total[c] - finite_count[c]), int(finite_count[c]), distinct[c])
+        warn_degenerate_losses(int(total[c]), int(total[c] - finite_count[c]), int(finite_count[c]), distinct[c])
     probability = torch.zeros(x.shape[0], dtype=torch.float32)
     degenerate = torch.tensor([c in distinct and distinct[c] < 2 for c in range(num_groups)], dtype=torch.bool)
     probability[finite & degenerate[g]] = 1.0
