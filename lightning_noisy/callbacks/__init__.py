@@ -4,6 +4,7 @@ from lightning_noisy.callbacks.aum import AUMCallback
 from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels, find_training_labels
 from lightning_noisy.callbacks.co_divide import CoDivideCallback, clean_probability, per_class_clean_probability
 from lightning_noisy.callbacks.curriculum import CurriculumCallback, density_curriculum
+from lightning_noisy.callbacks.elr import ELRCallback
 from lightning_noisy.callbacks.forward_correction import ForwardCorrectionCallback
 from lightning_noisy.callbacks.label_correction import LabelCorrectionCallback
 from lightning_noisy.callbacks.monitor import NoisyLabelMonitor
@@ -13,6 +14,7 @@ __all__ = [
     "AUMCallback",
     "CoDivideCallback",
     "CurriculumCallback",
+    "ELRCallback",
     "ForwardCorrectionCallback",
     "LabelCorrectionCallback",
     "NoisyLabelMonitor",

@@ -237,6 +237,7 @@ class LabelCorrectionCallback(SampleStateCallback):
 
     @override
     def on_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:
+        self._current_epoch = trainer.current_epoch  # also after a resume mid-epoch, which skips on_train_epoch_start
         if self._num_updates == 0:
             return  # the labels are still the given ones (the same on every rank, so no rank fetches)
         assert self._fetcher is not None
