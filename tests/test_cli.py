@@ -85,6 +85,7 @@ SHORT_METHOD_RUNS = {
     "mnist1d_self_learning.yaml": (["--model.init_args.warmup_epochs=1"], "noisy/pseudo_label_recovery"),
     "mnist1d_feature_mixup.yaml": ([], "train/loss_mix"),
     "mnist1d_dividemix.yaml": (["--model.init_args.warmup_epochs=1"], "noisy/codivide_auroc"),
+    "mnist1d_elr.yaml": ([], "noisy/elr_target_acc"),
 }
 
 
@@ -95,3 +96,13 @@ def test_method_configs_run_and_log_their_metric(tmp_path: Path, config: str) ->
           f"--trainer.default_root_dir={tmp_path}"])
     tags = logged_tags(tmp_path)
     assert {"test/acc", tag} <= tags
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_config_parses(config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # --print_config validates every argument against the classes' signatures, then exits before building
+    # anything (no download for the CIFAR configs)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "class_path" in capsys.readouterr().out
