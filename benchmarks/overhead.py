@@ -14,7 +14,7 @@ its ratio to ``plain``.
     .venv/bin/python benchmarks/overhead.py                       # 50,000 samples: 40,000 for training
     .venv/bin/python benchmarks/overhead.py --num-samples 5000 --epochs 2 --repeats 1   # a quick check
     .venv/bin/python benchmarks/overhead.py --variants AUMCallback "aum package (AUMCalculator)"
-    .venv/bin/python benchmarks/overhead.py --variants ELRCallback
+    .venv/bin/python benchmarks/overhead.py --variants ELRCallback SOPCallback
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_noisy.callbacks import AUMCallback, ELRCallback, LabelCorrectionCallback, NoisyLabelMonitor
+from lightning_noisy.callbacks import AUMCallback, ELRCallback, LabelCorrectionCallback, NoisyLabelMonitor, SOPCallback
 from lightning_noisy.data import MNIST1DDataModule
 from lightning_noisy.methods import NoisyClassifier
 
@@ -66,6 +66,7 @@ VARIANTS: dict[str, tuple[Callable[[], list[Callback]], int, str]] = {
     ),
     "NoisyLabelMonitor": (lambda: [NoisyLabelMonitor()], 10, PLAIN),
     "ELRCallback": (lambda: [ELRCallback()], 10, PLAIN),
+    "SOPCallback": (lambda: [SOPCallback()], 10, PLAIN),
     PLAIN_AUM: (lambda: [], 11, PLAIN_AUM),
     "AUMCallback": (lambda: [AUMCallback(histogram=False)], 11, PLAIN_AUM),
     "aum package (AUMCalculator)": (lambda: [AUMPackageCallback()], 11, PLAIN_AUM),

@@ -8,6 +8,7 @@ from lightning_noisy.callbacks import (
     ForwardCorrectionCallback,
     LabelCorrectionCallback,
     NoisyLabelMonitor,
+    SOPCallback,
     SampleStateCallback,
     WarmupEntropyCallback,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "NoisyLabelMonitor",
     "NoisyLabels",
     "RecoveryAccuracy",
+    "SOPCallback",
     "SampleStateCallback",
     "SelfLearning",
     "ShardedStateDDPStrategy",

@@ -86,6 +86,7 @@ SHORT_METHOD_RUNS = {
     "mnist1d_feature_mixup.yaml": ([], "train/loss_mix"),
     "mnist1d_dividemix.yaml": (["--model.init_args.warmup_epochs=1"], "noisy/codivide_auroc"),
     "mnist1d_elr.yaml": ([], "noisy/elr_target_acc"),
+    "mnist1d_sop.yaml": ([], "noisy/sop_noise_auroc"),
 }
 
 

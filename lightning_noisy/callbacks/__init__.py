@@ -8,6 +8,7 @@ from lightning_noisy.callbacks.elr import ELRCallback
 from lightning_noisy.callbacks.forward_correction import ForwardCorrectionCallback
 from lightning_noisy.callbacks.label_correction import LabelCorrectionCallback
 from lightning_noisy.callbacks.monitor import NoisyLabelMonitor
+from lightning_noisy.callbacks.sop import SOPCallback
 from lightning_noisy.callbacks.warmup_entropy import WarmupEntropyCallback
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "ForwardCorrectionCallback",
     "LabelCorrectionCallback",
     "NoisyLabelMonitor",
+    "SOPCallback",
     "SampleStateCallback",
     "TrainingLabels",
     "WarmupEntropyCallback",
