@@ -220,8 +220,9 @@ class SOPCallback(SampleStateCallback):
         u, v = self._batch
         with torch.no_grad():  # one plain SGD step of the batch's own parameters, on the unscaled gradients
             grads = [torch.zeros_like(t) if t.grad is None else t.grad / self._grad_scale for t in (u, v)]
-            if not all(bool(torch.isfinite(g).all()) for g in grads):  # an overflowed float16 step: skipped, as the
-                grads = [torch.zeros_like(g) for g in grads]  # network's own step is
+            scaled = self._grad_scale != 1.0  # only a scaled float16 step can overflow; checking costs a host sync
+            if scaled and not all(bool(torch.isfinite(g).all()) for g in grads):  # skipped, as the network's step is
+                grads = [torch.zeros_like(g) for g in grads]
                 self.skipped_steps += 1
             new_u, new_v = u - self.lr_u * grads[0], v - self.lr_v * grads[1]
         self._recorder.add(context.index, torch.cat([new_u[:, None], new_v], dim=1))
