@@ -61,6 +61,17 @@ class PlainClassifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+class LossProbe(pl.Callback):
+    """Keeps the loss each training step returned, by epoch."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, list[Tensor]] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.losses.setdefault(trainer.current_epoch, []).append(outputs["loss"].detach())
+
+
 class _ClosesGroup:
     """Destroys the process group when a spawned worker is done with it.
 

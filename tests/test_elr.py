@@ -10,24 +10,22 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TABLE, PlainClassifier, ScriptedClassifier, SpawnDDPStrategy, scripted_data, toy_dataset, trainer
+from helpers import (
+    TABLE,
+    LossProbe,
+    PlainClassifier,
+    ScriptedClassifier,
+    SpawnDDPStrategy,
+    scripted_data,
+    toy_dataset,
+    trainer,
+)
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_noisy.callbacks import ELRCallback
 from lightning_noisy.callbacks.elr import clamped_probabilities, elr_term, ensemble_targets
 from lightning_noisy.state.sharded import gather_rows
-
-
-class LossProbe(pl.Callback):
-    """Keeps the loss each training step returned, by epoch."""
-
-    def __init__(self) -> None:
-        self.losses: dict[int, list[Tensor]] = {}
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        self.losses.setdefault(trainer.current_epoch, []).append(outputs["loss"].detach())
 
 
 # -- the pure pieces, by hand ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from distributed import run_distributed
 from helpers import (
+    LossProbe,
     NUM_CLASSES,
     TABLE,
     PlainClassifier,
@@ -37,17 +38,6 @@ from lightning_noisy.state.layout import RowLayout
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 T3 = [[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.0, 0.3, 0.7]]
-
-
-class LossProbe(pl.Callback):
-    """Keeps the loss each training step returned, by epoch."""
-
-    def __init__(self) -> None:
-        self.losses: dict[int, list[Tensor]] = {}
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        self.losses.setdefault(trainer.current_epoch, []).append(outputs["loss"].detach())
 
 
 # -- the transform ------------------------------------------------------------------------------------

@@ -10,22 +10,21 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TABLE, PlainClassifier, ScriptedClassifier, SpawnDDPStrategy, scripted_data, toy_dataset, trainer
-from torch import Tensor
+from helpers import (
+    TABLE,
+    LossProbe,
+    PlainClassifier,
+    ScriptedClassifier,
+    SpawnDDPStrategy,
+    scripted_data,
+    toy_dataset,
+    trainer,
+)
 from torch.utils.data import DataLoader
 
 from lightning_noisy.callbacks import SOPCallback
 from lightning_noisy.callbacks.sop import corrected_probabilities, noise_terms, v_term_loss
 from lightning_noisy.state.sharded import gather_rows
-
-
-class LossProbe(pl.Callback):
-    def __init__(self) -> None:
-        self.losses: list[Tensor] = []
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        self.losses.append(outputs["loss"].detach())
 
 
 def test_pieces_by_hand() -> None:
@@ -64,7 +63,7 @@ def test_one_epoch_is_one_sgd_step_of_each_samples_parameters() -> None:
     mse = ((F.one_hot(TABLE[0].argmax(1), 3) + big_u.detach() - big_v - y) ** 2).sum() / 10
     loss = ce + 0.5 * mse
     loss.backward()
-    torch.testing.assert_close(probe.losses[0], loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(probe.losses[0][0], loss.detach(), rtol=1e-5, atol=1e-6)
     index, stored_u, stored_v = callback.local_parameters()
     assert torch.equal(index, torch.arange(10))
     torch.testing.assert_close(stored_u, (u - 2.0 * u.grad).detach(), rtol=1e-5, atol=1e-7)
