@@ -20,8 +20,8 @@ from typing_extensions import override
 from lightning_noisy.state import BatchContract, SampleBuffer, SampleHistory, StepContext
 from lightning_noisy.state.checkpoint import LocalRecords, LocalRows, read_local_records, read_local_rows
 from lightning_noisy.state.gather import is_distributed
-from lightning_noisy.state.records import SampleRecorder
 from lightning_noisy.state.layout import RowLayout
+from lightning_noisy.state.records import SampleRecorder
 from lightning_noisy.state.sharded import state_on_rank_zero
 from lightning_noisy.state.storage import StateOptions
 
@@ -311,12 +311,14 @@ class SampleStateCallback(Callback):
             raise ValueError(f"{type(self).__name__}: the checkpoint holds buffers {sorted(saved)}, expected {sorted(buffers)}")
         for name, buffer in buffers.items():
             buffer.check_state_dict(saved[name])
+        records: list[dict[str, Tensor]] = []
+        if "in_flight" in state:  # read before anything changes (a collective with DCP)
+            rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
+            records = read_local_records(state["in_flight"], rank, world, checkpoint_path)
         for name, buffer in buffers.items():
             buffer.load_state_dict(saved[name])
         self.load_extra_state_dict(state["extra"])
-        if "in_flight" in state:
-            rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
-            self.load_in_flight_state(read_local_records(state["in_flight"], rank, world, checkpoint_path))
+        self.load_in_flight_state(records)
 
     # -- Lightning hooks -----------------------------------------------------------------------
     @override
