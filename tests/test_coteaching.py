@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,7 +119,8 @@ def test_short_fit_trains_both_networks_and_logs_selection_quality() -> None:
     assert 0.0 <= float(metrics["noisy/pure_ratio"]) <= 1.0
     assert 0.0 <= float(metrics["noisy/selection_recall"]) <= 1.0
     assert float(metrics["train/forget_rate"]) == pytest.approx(0.25)  # epoch 1 = T_k
-    assert {"test/acc", "test/acc_b", "test/acc_best", "train/loss_a", "train/loss_b"} <= set(metrics)
+    assert {"test/acc", "test/acc_a", "test/acc_b", "test/acc_mean", "test/acc_best", "train/loss_a",
+            "train/loss_b"} <= set(metrics)
     assert [o.param_groups[0]["lr"] for o in run.optimizers] == pytest.approx([1e-4, 1e-4])  # decayed at 1
 
 
@@ -171,3 +173,44 @@ def test_batch_without_disagreement_gives_no_update() -> None:
     assert float(run.callback_metrics["train/loss_a"]) == 0.0
     assert "noisy/pure_ratio" not in run.callback_metrics  # nothing selected
     assert float(run.callback_metrics["noisy/selection_recall"]) == 0.0
+
+
+@pytest.mark.parametrize("evaluate", ["mean", "a"])
+def test_evaluation_scores_each_network_and_their_mean_logits(evaluate: str) -> None:
+    model = coteaching(evaluate=evaluate)
+    data = toy_dataset(n=40, noisy_every=1000, return_index=False)
+    run = trainer(max_epochs=1)
+    run.fit(model, toy_loader(toy_dataset(), batch_size=8), toy_loader(data, batch_size=16))
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    y = data.noisy_labels  # what the validation batches carry
+    with torch.no_grad():
+        logits_a, logits_b = model.net_a(x), model.net_b(x)
+        expected = {"a": logits_a, "b": logits_b, "mean": (logits_a + logits_b) / 2}
+        assert torch.allclose(model(x), expected[evaluate])
+    metrics = run.callback_metrics
+    for name, logits in expected.items():  # by hand: the arg max of each network's logits and of their mean
+        assert float(metrics[f"test/acc_{name}"]) == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+    assert float(metrics["test/acc"]) == float(metrics[f"test/acc_{evaluate}"])
+    tested = run.test(model, toy_loader(data, batch_size=16), verbose=False)[0]
+    assert tested["test/acc"] == pytest.approx(float(metrics[f"test/acc_{evaluate}"]))
+
+
+def test_bad_evaluate_is_refused() -> None:
+    with pytest.raises(ValueError, match="evaluate must be 'mean'.*got 'b'"):
+        coteaching(evaluate="b")
+
+
+def test_linear_schedule_holds_then_falls_to_zero_at_max_epochs() -> None:
+    model = coteaching(scheduler="linear", milestones=[2], lr=0.1)
+    lrs: list[float] = []
+
+    class RecordLearningRate(pl.Callback):
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            lrs.append(trainer.optimizers[1].param_groups[0]["lr"])
+
+    trainer(max_epochs=6, callbacks=[RecordLearningRate()]).fit(model, toy_loader(toy_dataset(), batch_size=8))
+    assert lrs == pytest.approx([0.1, 0.1, 0.1, 0.075, 0.05, 0.025])  # (6 - e) / (6 - 2) from epoch 2
+    with pytest.raises(ValueError, match="at most one milestone.*\\[2, 4\\]"):
+        coteaching(scheduler="linear", milestones=[2, 4])
+    with pytest.raises(ValueError, match="start before max_epochs=6.*\\[6\\]"):
+        trainer(max_epochs=6).fit(coteaching(scheduler="linear", milestones=[6]), toy_loader(toy_dataset()))

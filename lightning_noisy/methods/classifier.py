@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -16,7 +17,7 @@ from lightning_noisy.losses.mixup import mixup_batch
 from lightning_noisy.models import build_backbone
 
 OptimizerName = Literal["sgd", "adamw"]
-SchedulerName = Literal["constant", "multistep", "cosine"]
+SchedulerName = Literal["constant", "multistep", "cosine", "linear"]
 
 
 def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
@@ -43,8 +44,8 @@ def check_optimisation_args(
     """Validate the optimiser and schedule arguments shared by the package's modules."""
     if optimizer not in ("sgd", "adamw"):
         raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
-    if scheduler not in ("constant", "multistep", "cosine"):
-        raise ValueError(f"scheduler must be 'constant', 'multistep' or 'cosine', got {scheduler!r}")
+    if scheduler not in ("constant", "multistep", "cosine", "linear"):
+        raise ValueError(f"scheduler must be 'constant', 'multistep', 'cosine' or 'linear', got {scheduler!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     if not 0 <= momentum < 1:
@@ -55,17 +56,36 @@ def check_optimisation_args(
         raise ValueError(f"gamma must be in (0, 1], got {gamma}")
     if any(m < 1 for m in milestones) or list(milestones) != sorted(milestones):
         raise ValueError(f"milestones must be increasing positive epochs, got {milestones}")
+    if scheduler == "linear" and len(milestones) > 1:
+        raise ValueError(f"scheduler 'linear' takes at most one milestone (the epoch its decay starts), got {milestones}")
 
 
 def build_schedule(
     optimizer: torch.optim.Optimizer, name: SchedulerName, milestones: list[int], gamma: float, max_epochs: int | None
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """The per-epoch schedule ``name`` of ``optimizer``: ``None`` for ``"constant"``."""
+    """The per-epoch schedule ``name`` of ``optimizer``: ``None`` for ``"constant"``.
+
+    ``"linear"`` keeps the learning rate until epoch ``milestones[0]`` (0 without a milestone), then lowers it
+    linearly so that it would reach zero at ``max_epochs``: the factor at epoch ``e`` is
+    ``min(1, (max_epochs - e) / (max_epochs - start))`` (Co-teaching's schedule, Han et al. 2018: from epoch 80
+    of 200).
+    """
     if name == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma)
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs or 1))
+    if name == "linear":
+        total = max(1, max_epochs or 1)
+        start = milestones[0] if milestones else 0
+        if start >= total:
+            raise ValueError(f"the linear decay must start before max_epochs={total}, got milestones={milestones}")
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(linear_decay_factor, start=start, total=total))
     return None
+
+
+def linear_decay_factor(epoch: int, start: int, total: int) -> float:
+    """``min(1, (total - epoch) / (total - start))``: the learning-rate factor of the ``"linear"`` schedule."""
+    return min(1.0, (total - epoch) / (total - start))
 
 
 def two_network_optimizers(module: pl.LightningModule, nets: tuple[torch.nn.Module, torch.nn.Module]) -> OptimizerLRScheduler:
@@ -159,8 +179,10 @@ class NoisyClassifier(HeldOutAccuracy):
         momentum: SGD momentum.
         weight_decay: weight decay.
         nesterov: Nesterov momentum for SGD.
-        scheduler: ``"constant"``, ``"multistep"`` (``milestones``, ``gamma``) or ``"cosine"`` (over ``max_epochs``).
-        milestones: epochs at which ``"multistep"`` multiplies the learning rate by ``gamma``.
+        scheduler: ``"constant"``, ``"multistep"`` (``milestones``, ``gamma``), ``"cosine"`` (over ``max_epochs``)
+            or ``"linear"`` (to zero at ``max_epochs``, from ``milestones[0]``; see :func:`build_schedule`).
+        milestones: epochs at which ``"multistep"`` multiplies the learning rate by ``gamma``; for
+            ``"linear"``, at most one: the epoch its decay starts.
         gamma: multiplicative decay of ``"multistep"``.
     """
 

@@ -3,7 +3,7 @@ train each other on the samples the other one finds easy (small loss)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -28,6 +28,8 @@ from lightning_noisy.state import BatchContract
 
 __all__ = ["CoTeaching", "disagreement_mask", "forget_rate_schedule", "small_loss_selection"]
 
+#: what validation and test score: network a, network b, and the mean of their logits
+EVALUATED = ("a", "b", "mean")
 
 
 def _check_forget_rate(forget_rate: float) -> None:
@@ -114,8 +116,13 @@ class CoTeaching(pl.LightningModule):
     predictions disagree are candidates, and the forget rate applies to that subset. A batch without any
     disagreement gives no update (zero loss, no optimiser step), as the reference code does.
 
-    Logged: ``train/loss_a``, ``train/loss_b``, ``train/forget_rate``; ``test/acc`` (network a),
-    ``test/acc_b`` (network b) and ``test/acc_best`` (best ``test/acc`` so far). When the batch carries
+    Evaluation (``forward``, validation and test) uses the mean of the two networks' logits by default, as
+    the Lightning reproduction of the CIFAR-N study does; ``evaluate="a"`` uses network a alone, as the
+    paper reports each network.
+
+    Logged: ``train/loss_a``, ``train/loss_b``, ``train/forget_rate``; ``test/acc`` (the ``evaluate``
+    choice), ``test/acc_a``, ``test/acc_b``, ``test/acc_mean`` (mean of the logits) and ``test/acc_best``
+    (best ``test/acc`` so far). When the batch carries
     the dataset index (``[x, y, index]``, or taken out by the package's callbacks) and the data exposes
     ``clean_labels`` and ``noisy_labels`` (see :func:`~lightning_noisy.callbacks.base.find_training_labels`),
     also per epoch ``noisy/pure_ratio`` (label precision of the selected samples) and
@@ -140,10 +147,13 @@ class CoTeaching(pl.LightningModule):
         momentum: SGD momentum.
         weight_decay: weight decay.
         nesterov: Nesterov momentum for SGD.
-        scheduler: ``"constant"``, ``"multistep"`` (``milestones``, ``gamma``) or ``"cosine"`` (over
-            ``max_epochs``), stepped once per epoch for both optimisers.
-        milestones: epochs at which ``"multistep"`` multiplies the learning rate by ``gamma``.
+        scheduler: ``"constant"``, ``"multistep"`` (``milestones``, ``gamma``), ``"cosine"`` (over
+            ``max_epochs``) or ``"linear"`` (the paper's: to zero at ``max_epochs`` from ``milestones[0]``),
+            stepped once per epoch for both optimisers.
+        milestones: epochs at which ``"multistep"`` multiplies the learning rate by ``gamma``; for
+            ``"linear"``, the epoch its decay starts (the paper: 80 of 200).
         gamma: multiplicative decay of ``"multistep"``.
+        evaluate: ``"mean"`` (the mean of both networks' logits) or ``"a"`` (network a alone).
     """
 
     def __init__(
@@ -165,10 +175,13 @@ class CoTeaching(pl.LightningModule):
         scheduler: SchedulerName = "constant",
         milestones: list[int] | None = None,
         gamma: float = 0.1,
+        evaluate: Literal["mean", "a"] = "mean",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
+        if evaluate not in ("mean", "a"):
+            raise ValueError(f"evaluate must be 'mean' (both networks' mean logits) or 'a' (network a), got {evaluate!r}")
         milestones = list(milestones or [])
         check_optimisation_args(optimizer, lr, momentum, weight_decay, scheduler, milestones, gamma)
         if int(num_classes) < 2:
@@ -184,19 +197,27 @@ class CoTeaching(pl.LightningModule):
             self.net_a: nn.Module = build_backbone(backbone, self.num_classes, **kwargs)
             torch.manual_seed(seed + 1)
             self.net_b: nn.Module = build_backbone(backbone, self.num_classes, **kwargs)
-        self.val_accuracy_a = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
-        self.val_accuracy_b = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
-        self.test_accuracy_a = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
-        self.test_accuracy_b = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
+        self.val_accuracy = self._accuracies()
+        self.test_accuracy = self._accuracies()
         self.register_buffer("best_acc", torch.tensor(0.0))
         self._is_clean: Tensor | None = None  # [N] bool, True where the noisy label is the clean one
         # selected, selected clean, clean seen (pooled over both selections)
         self._selection_counts = torch.zeros(3, dtype=torch.float64)
 
+    def _accuracies(self) -> nn.ModuleDict:
+        return nn.ModuleDict({name: MulticlassAccuracy(num_classes=self.num_classes, average="micro") for name in EVALUATED})
+
     @override
     def forward(self, x: Tensor) -> Tensor:
-        """``[B, ...] -> [B, C]`` logits of network a."""
-        return self.net_a(x)
+        """``[B, ...] -> [B, C]`` logits: the mean of both networks' (``evaluate="mean"``) or network a's."""
+        if self.hparams.evaluate == "a":
+            return self.net_a(x)
+        return (self.net_a(x) + self.net_b(x)) / 2
+
+    def _update_accuracies(self, metrics: nn.ModuleDict, x: Tensor, y: Tensor) -> None:
+        logits_a, logits_b = self.net_a(x), self.net_b(x)
+        for name, logits in zip(EVALUATED, (logits_a, logits_b, (logits_a + logits_b) / 2)):
+            metrics[name].update(logits, y)
 
     def forget_rate_at(self, epoch: int) -> float:
         """``R(epoch)``, the share of candidates dropped at ``epoch``."""
@@ -301,29 +322,27 @@ class CoTeaching(pl.LightningModule):
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = split_batch(batch)
-        self.val_accuracy_a.update(self.net_a(x), y)
-        self.val_accuracy_b.update(self.net_b(x), y)
+        self._update_accuracies(self.val_accuracy, *split_batch(batch))
 
     @override
     def on_validation_epoch_end(self) -> None:
-        acc = self.val_accuracy_a.compute()
-        acc_b = self.val_accuracy_b.compute()
-        self.val_accuracy_a.reset()
-        self.val_accuracy_b.reset()
+        accuracies = {name: metric.compute() for name, metric in self.val_accuracy.items()}
+        for metric in self.val_accuracy.values():
+            metric.reset()
+        acc = accuracies[self.hparams.evaluate]
         if not self.trainer.sanity_checking:
             self.best_acc = torch.maximum(self.best_acc, acc.to(self.best_acc))
         self.log("test/acc", acc, prog_bar=True)
-        self.log("test/acc_b", acc_b)
+        for name, value in accuracies.items():
+            self.log(f"test/acc_{name}", value)
         self.log("test/acc_best", self.best_acc)
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = split_batch(batch)
-        self.test_accuracy_a.update(self.net_a(x), y)
-        self.test_accuracy_b.update(self.net_b(x), y)
-        self.log("test/acc", self.test_accuracy_a, on_step=False, on_epoch=True)
-        self.log("test/acc_b", self.test_accuracy_b, on_step=False, on_epoch=True)
+        self._update_accuracies(self.test_accuracy, *split_batch(batch))
+        self.log("test/acc", self.test_accuracy[self.hparams.evaluate], on_step=False, on_epoch=True)
+        for name, metric in self.test_accuracy.items():
+            self.log(f"test/acc_{name}", metric, on_step=False, on_epoch=True)
 
     @override
     def configure_optimizers(self) -> OptimizerLRScheduler:
