@@ -22,7 +22,15 @@ from lightning_noisy.data import (
     NoisyLabels,
     make_noisy_labels,
 )
-from lightning_noisy.methods import CoTeaching, DivideMix, FeatureMixup, JointOptimization, NoisyClassifier, SelfLearning
+from lightning_noisy.methods import (
+    CoTeaching,
+    DivideMix,
+    FeatureMixup,
+    JointOptimization,
+    NoisyClassifier,
+    SelfLearning,
+    SOPPlus,
+)
 from lightning_noisy.metrics import CleanSelectionMetrics, RecoveryAccuracy
 from lightning_noisy.models import build_backbone
 from lightning_noisy.strategies import ShardedStateDDPStrategy
@@ -52,6 +60,7 @@ __all__ = [
     "NoisyLabels",
     "RecoveryAccuracy",
     "SOPCallback",
+    "SOPPlus",
     "SampleStateCallback",
     "SelfLearning",
     "ShardedStateDDPStrategy",

@@ -6,5 +6,6 @@ from lightning_noisy.methods.dividemix import DivideMix
 from lightning_noisy.methods.feature_mixup import FeatureMixup
 from lightning_noisy.methods.joint_optimization import JointOptimization
 from lightning_noisy.methods.self_learning import SelfLearning
+from lightning_noisy.methods.sop_plus import SOPPlus
 
-__all__ = ["CoTeaching", "DivideMix", "FeatureMixup", "JointOptimization", "NoisyClassifier", "SelfLearning"]
+__all__ = ["CoTeaching", "DivideMix", "FeatureMixup", "JointOptimization", "NoisyClassifier", "SOPPlus", "SelfLearning"]

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 from typing_extensions import override
 
+from lightning_noisy.augment import default_augment, step_generator
 from lightning_noisy.callbacks.base import find_training_labels, train_eval_loader, training_dataset
 from lightning_noisy.callbacks.co_divide import (
     DEFAULT_MAX_FIT_SAMPLES,
@@ -167,52 +168,6 @@ def uniform_prior_penalty(logits: Tensor) -> Tensor:
     mean prediction). Same as :func:`~lightning_noisy.losses.regularizers.prior_loss` with a uniform prior.
     """
     return prior_loss(logits)
-
-
-def default_augment(
-    x: Tensor,
-    generator: torch.Generator | None = None,
-    noise_std: float = 0.05,
-    max_shift: int = 2,
-    max_scale: float = 0.0,
-    max_trend: float = 0.0,
-) -> Tensor:
-    """A generic augmentation for any ``[B, ..., L]`` tensor: scaling, a linear trend, noise, a circular shift.
-
-    Per sample, in this order: the values are multiplied by a factor drawn from ``[1 - max_scale, 1 +
-    max_scale]``; a linear trend running from ``-t`` to ``t`` along the last dimension is added, with ``t``
-    drawn from ``[-max_trend, max_trend]`` times the sample's standard deviation; Gaussian noise of standard
-    deviation ``noise_std`` times that standard deviation is added; the result is rolled along the last
-    dimension by a random integer in ``[-max_shift, max_shift]``. Scaling, shear (a trend), noise and circular
-    translation are the nuisances MNIST-1D's generator itself applies (Greydanus 2020); for images pass a
-    real augmentation (e.g. a torchvision transform). The defaults only add noise and shift a little.
-    """
-    if x.shape[0] == 0:
-        return x
-    flat = x.flatten(1)
-    scale = flat.float().std(dim=1, unbiased=False).to(x.dtype) if flat.shape[1] > 1 else torch.ones_like(flat[:, 0])
-    per_sample = (x.shape[0], *([1] * (x.ndim - 1)))
-    scale = scale.view(per_sample)
-    device = generator.device if generator is not None else x.device
-
-    def uniform(bound: float) -> Tensor:  # [B, 1, ...] draws from [-bound, bound]
-        return ((2 * torch.rand(x.shape[0], generator=generator, device=device) - 1) * bound).to(x).view(per_sample)
-
-    out = x
-    if max_scale > 0:
-        out = out * (1 + uniform(max_scale))
-    if max_trend > 0 and x.ndim >= 2:
-        ramp = torch.linspace(-1.0, 1.0, x.shape[-1], device=x.device, dtype=x.dtype)
-        out = out + uniform(max_trend) * scale * ramp
-    noise = torch.randn(x.shape, generator=generator, device=device).to(x)
-    out = out + noise_std * scale * noise
-    if max_shift > 0 and x.ndim >= 2:
-        length = x.shape[-1]
-        shift = torch.randint(-max_shift, max_shift + 1, (x.shape[0],), generator=generator, device=device).to(x.device)
-        index = (torch.arange(length, device=x.device)[None, :] - shift[:, None]) % length  # [B, L]
-        index = index.view(x.shape[0], *([1] * (x.ndim - 2)), length).expand_as(out)
-        out = out.gather(-1, index)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- module
@@ -499,10 +454,8 @@ class DivideMix(HeldOutAccuracy):
     def _generator(self, device: torch.device, batch_idx: int) -> torch.Generator | None:
         if self.augment is not None:
             return None
-        generator = torch.Generator(device=device)
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        generator.manual_seed(hash((int(self.hparams.seed), int(self.current_epoch), int(batch_idx), rank)) % 2**62)
-        return generator
+        return step_generator(self.hparams.seed, self.current_epoch, batch_idx, rank, device)
 
     def _augment(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         if self.augment is not None:

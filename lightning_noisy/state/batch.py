@@ -116,6 +116,16 @@ class BatchContract:
         contract = getattr(module, cls._ATTRIBUTE, None)
         return None if contract is None or contract.context is None else contract.context.index
 
+    @classmethod
+    def current_raw_logits(cls, module: pl.LightningModule) -> Tensor | None:
+        """``[B, C]`` logits of the running training step's first forward, before any logits transform.
+
+        With their graph; ``None`` outside a training step, before its first forward, or without a callback.
+        A module that knows a callback transforms its logits (SOP+ and SOP's noise term) reads them here.
+        """
+        contract = getattr(module, cls._ATTRIBUTE, None)
+        return None if contract is None or contract.context is None else contract.context._hooked_logits
+
     def release(self, owner: object) -> None:
         """Unregister ``owner``; the last user restores the module's own ``training_step``."""
         self._owners.discard(id(owner))

@@ -1,0 +1,163 @@
+"""Random views of a training batch, drawn on the batch's device: a weak (nuisance) and a strong augmentation.
+
+Methods that compare two views of a sample (DivideMix's MixMatch, SOP+'s consistency term) draw them here.
+Every function takes an optional ``torch.Generator`` so that a run can seed its views per step and a resumed
+run repeats them. For images, pass a real augmentation (a torchvision transform) instead where the method
+takes one; :func:`strong_augment` has only a tensor-level fallback for ``[B, C, H, W]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["default_augment", "segment_mask", "step_generator", "strong_augment"]
+
+
+def default_augment(
+    x: Tensor,
+    generator: torch.Generator | None = None,
+    noise_std: float = 0.05,
+    max_shift: int = 2,
+    max_scale: float = 0.0,
+    max_trend: float = 0.0,
+) -> Tensor:
+    """A generic augmentation for any ``[B, ..., L]`` tensor: scaling, a linear trend, noise, a circular shift.
+
+    Per sample, in this order: the values are multiplied by a factor drawn from ``[1 - max_scale, 1 +
+    max_scale]``; a linear trend running from ``-t`` to ``t`` along the last dimension is added, with ``t``
+    drawn from ``[-max_trend, max_trend]`` times the sample's standard deviation; Gaussian noise of standard
+    deviation ``noise_std`` times that standard deviation is added; the result is rolled along the last
+    dimension by a random integer in ``[-max_shift, max_shift]``. Scaling, shear (a trend), noise and circular
+    translation are the nuisances MNIST-1D's generator itself applies (Greydanus 2020); for images pass a
+    real augmentation (e.g. a torchvision transform). The defaults only add noise and shift a little.
+    """
+    if x.shape[0] == 0:
+        return x
+    flat = x.flatten(1)
+    scale = flat.float().std(dim=1, unbiased=False).to(x.dtype) if flat.shape[1] > 1 else torch.ones_like(flat[:, 0])
+    per_sample = (x.shape[0], *([1] * (x.ndim - 1)))
+    scale = scale.view(per_sample)
+    device = generator.device if generator is not None else x.device
+
+    def uniform(bound: float) -> Tensor:  # [B, 1, ...] draws from [-bound, bound]
+        return ((2 * torch.rand(x.shape[0], generator=generator, device=device) - 1) * bound).to(x).view(per_sample)
+
+    out = x
+    if max_scale > 0:
+        out = out * (1 + uniform(max_scale))
+    if max_trend > 0 and x.ndim >= 2:
+        ramp = torch.linspace(-1.0, 1.0, x.shape[-1], device=x.device, dtype=x.dtype)
+        out = out + uniform(max_trend) * scale * ramp
+    noise = torch.randn(x.shape, generator=generator, device=device).to(x)
+    out = out + noise_std * scale * noise
+    if max_shift > 0 and x.ndim >= 2:
+        length = x.shape[-1]
+        shift = torch.randint(-max_shift, max_shift + 1, (x.shape[0],), generator=generator, device=device).to(x.device)
+        index = (torch.arange(length, device=x.device)[None, :] - shift[:, None]) % length  # [B, L]
+        index = index.view(x.shape[0], *([1] * (x.ndim - 2)), length).expand_as(out)
+        out = out.gather(-1, index)
+    return out
+
+
+def step_generator(seed: int, epoch: int, batch_idx: int, rank: int, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` for one training step's random views, a function of its four arguments only,
+    so that a run resumed from a checkpoint draws the views of the uninterrupted one."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(hash((int(seed), int(epoch), int(batch_idx), int(rank))) % 2**62)  # ints hash stably
+    return generator
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
+def segment_mask(x: Tensor, max_fraction: float, generator: torch.Generator | None = None) -> Tensor:
+    """Zero one random window of each sample's last dimension (Cutout for series). ``[B, ..., L]`` as ``x``.
+
+    The window's length is drawn from ``[0, max_fraction * L]`` and its start uniformly, per sample.
+    """
+    _check_fraction("max_fraction", max_fraction)
+    if x.shape[0] == 0 or x.ndim < 2 or max_fraction == 0:
+        return x
+    length = x.shape[-1]
+    device = generator.device if generator is not None else x.device
+    width = (torch.rand(x.shape[0], generator=generator, device=device) * max_fraction * length).long().to(x.device)
+    start = (torch.rand(x.shape[0], generator=generator, device=device).to(x.device) * (length - width + 1)).long()
+    position = torch.arange(length, device=x.device)[None, :]
+    keep = (position < start[:, None]) | (position >= (start + width)[:, None])  # [B, L]
+    return x * keep.view(x.shape[0], *([1] * (x.ndim - 2)), length).to(x.dtype)
+
+
+def _correlated_noise(x: Tensor, width: int, generator: torch.Generator | None) -> Tensor:
+    """Gaussian noise smoothed along the last dimension by a moving average of ``width``, unit variance."""
+    device = generator.device if generator is not None else x.device
+    flat = torch.randn(x[..., 0].numel(), 1, x.shape[-1], generator=generator, device=device).to(x)
+    smooth = F.avg_pool1d(F.pad(flat, (width // 2, (width - 1) // 2), mode="circular"), width, stride=1)
+    return (smooth * width**0.5).view(x.shape)
+
+
+def _image_strong_augment(x: Tensor, generator: torch.Generator | None, cutout: float) -> Tensor:
+    """``[B, C, H, W]``: a random horizontal flip, a translation of up to 1/8 of the side, and Cutout."""
+    b, _, h, w = x.shape
+    device = generator.device if generator is not None else x.device
+
+    def draw(high: int) -> Tensor:
+        return torch.randint(-high, high + 1, (b,), generator=generator, device=device).to(x.device)
+
+    flip = torch.rand(b, generator=generator, device=device).to(x.device) < 0.5
+    out = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    dy, dx = draw(h // 8), draw(w // 8)
+    rows = (torch.arange(h, device=x.device)[None, :] - dy[:, None]).clamp(0, h - 1)  # [B, H], edges repeated
+    cols = (torch.arange(w, device=x.device)[None, :] - dx[:, None]).clamp(0, w - 1)
+    out = out.gather(2, rows[:, None, :, None].expand(-1, x.shape[1], -1, w))
+    out = out.gather(3, cols[:, None, None, :].expand(-1, x.shape[1], h, -1))
+    side = int(round(cutout * min(h, w)))
+    if side > 0:  # Cutout (DeVries & Taylor 2017): a side x side square at a random centre, zeroed
+        cy = torch.randint(0, h, (b,), generator=generator, device=device).to(x.device)
+        cx = torch.randint(0, w, (b,), generator=generator, device=device).to(x.device)
+        ys, xs = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+        inside_y = (ys[None, :] - cy[:, None]).abs() <= side // 2
+        inside_x = (xs[None, :] - cx[:, None]).abs() <= side // 2
+        square = inside_y[:, :, None] & inside_x[:, None, :]  # [B, H, W]
+        out = out * (~square)[:, None].to(out.dtype)
+    return out
+
+
+def strong_augment(
+    x: Tensor,
+    generator: torch.Generator | None = None,
+    noise_std: float = 0.1,
+    correlated_noise_std: float = 0.1,
+    max_shift: int = 8,
+    max_scale: float = 0.4,
+    max_trend: float = 1.0,
+    mask_fraction: float = 0.25,
+    cutout: float = 0.5,
+) -> Tensor:
+    """A strong random view of a batch: for series ``[B, L]`` or ``[B, C, L]``, and a fallback for images.
+
+    Series: the nuisances of :func:`default_augment` at larger bounds (scale, linear trend, white noise,
+    circular shift), plus noise correlated over 5 positions (``correlated_noise_std``, in multiples of each
+    sample's standard deviation) and a zeroed window of up to ``mask_fraction`` of the length
+    (:func:`segment_mask`). These are the nuisances that MNIST-1D's own generator draws (Greydanus 2020),
+    pushed further, and Cutout's idea in one dimension: the strong counterpart of the weak
+    :func:`default_augment`, as RandAugment plus Cutout is of crop and flip for images (FixMatch).
+
+    Images ``[B, C, H, W]``: a random flip, a translation of up to an eighth of the side and a Cutout square
+    of ``cutout`` times the side (the papers use RandAugment or AutoAugment plus Cutout: pass a torchvision
+    transform to the method for those).
+    """
+    _check_fraction("cutout", cutout)
+    if x.shape[0] == 0:
+        return x
+    if x.ndim == 4:
+        return _image_strong_augment(x, generator, cutout)
+    out = default_augment(x, generator, noise_std=noise_std, max_shift=0, max_scale=max_scale, max_trend=max_trend)
+    if correlated_noise_std > 0 and x.ndim >= 2:
+        scale = x.flatten(1).float().std(dim=1, unbiased=False).to(x.dtype).view(x.shape[0], *([1] * (x.ndim - 1)))
+        out = out + correlated_noise_std * scale * _correlated_noise(x, 5, generator)
+    out = segment_mask(out, mask_fraction, generator)
+    return default_augment(out, generator, noise_std=0.0, max_shift=max_shift)
