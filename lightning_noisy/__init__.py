@@ -25,6 +25,7 @@ from lightning_noisy.data import (
 from lightning_noisy.methods import (
     CoTeaching,
     DivideMix,
+    ELRPlus,
     FeatureMixup,
     JointOptimization,
     NoisyClassifier,
@@ -47,6 +48,7 @@ __all__ = [
     "DigitsDataModule",
     "DivideMix",
     "ELRCallback",
+    "ELRPlus",
     "FeatureMixup",
     "ForwardCorrectionCallback",
     "ImageFolderCSVDataModule",

@@ -77,7 +77,7 @@ def test_aum_two_run_procedure_and_retraining_from_the_command_line(tmp_path: Pa
 
 
 SHORT_METHOD_RUNS = {
-    "mnist1d_coteaching.yaml": ([], "noisy/pure_ratio"),
+    "mnist1d_coteaching.yaml": ([], "test/acc_mean"),
     "mnist1d_curriculum.yaml": (
         ["--trainer.callbacks.init_args.curriculum_epoch=0", "--trainer.callbacks.init_args.stage_epochs=[1, 2]"],
         "curriculum/active_fraction",
@@ -87,6 +87,8 @@ SHORT_METHOD_RUNS = {
     "mnist1d_dividemix.yaml": (["--model.init_args.warmup_epochs=1"], "noisy/codivide_auroc"),
     "mnist1d_elr.yaml": ([], "noisy/elr_target_acc"),
     "mnist1d_sop.yaml": ([], "noisy/sop_noise_auroc"),
+    "mnist1d_sop_plus.yaml": ([], "noisy/sop_noise_auroc"),
+    "mnist1d_elr_plus.yaml": ([], "noisy/elr_target_acc_b"),
 }
 
 

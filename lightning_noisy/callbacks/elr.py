@@ -106,6 +106,7 @@ class ELRCallback(SampleStateCallback):
         self._batch_targets: Tensor | None = None  # the step's stored targets [B, C], before this step's update
         self._current_epoch = 0
         self._term_sum: Tensor | None = None  # this epoch's sum of the term and its batch count, on the logits' device
+        self.metric_suffix = ""  # tells apart the metrics of two instances (ELRPlus: one per network)
 
     # -- public API ------------------------------------------------------------------------------
     def local_targets(self) -> tuple[Tensor, Tensor]:
@@ -117,14 +118,18 @@ class ELRCallback(SampleStateCallback):
     # -- state -----------------------------------------------------------------------------------
     @override
     def allocate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, labels: TrainingLabels) -> None:
+        self.allocate_targets(trainer, labels)
+        assert self.contract is not None
+        self.contract.add_loss_term(self, "elr", self._loss_term)
+
+    def allocate_targets(self, trainer: pl.Trainer, labels: TrainingLabels) -> None:
+        """Create the ``[N, C]`` targets (zeros), their recorder and their fetcher."""
         n, c = labels.num_samples, labels.num_classes
         options = self.state_options
         topk = options.topk_for(c)
         self._targets = SampleBuffer(n, (c,), options.dtype, fill=0.0, layout=self.row_layout(trainer, n), topk=topk)
         self._recorder = SampleRecorder((c,), options.dtype, topk)
         self._fetcher = RowFetcher(self._targets, self.fetch_window, trainer.strategy.root_device)
-        assert self.contract is not None
-        self.contract.add_loss_term(self, "elr", self._loss_term)
 
     @override
     def sample_buffers(self) -> dict[str, SampleBuffer]:
@@ -191,7 +196,7 @@ class ELRCallback(SampleStateCallback):
         if float(term[1]) > 0:
             metrics["noisy/elr_term"] = (term[0] / term[1]).float()
         if labels.clean is not None and float(sums[0]) > 0:
-            metrics["noisy/elr_target_acc"] = (sums[1] / sums[0]).float()
+            metrics[f"noisy/elr_target_acc{self.metric_suffix}"] = (sums[1] / sums[0]).float()
         self.log_epoch_metrics(pl_module, metrics)
 
 
