@@ -29,6 +29,7 @@ from lightning_noisy.methods import (
     FeatureMixup,
     JointOptimization,
     NoisyClassifier,
+    ProMix,
     SelfLearning,
     SOPPlus,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "NoisyLabelDataset",
     "NoisyLabelMonitor",
     "NoisyLabels",
+    "ProMix",
     "RecoveryAccuracy",
     "SOPCallback",
     "SOPPlus",

@@ -89,6 +89,7 @@ SHORT_METHOD_RUNS = {
     "mnist1d_sop.yaml": ([], "noisy/sop_noise_auroc"),
     "mnist1d_sop_plus.yaml": ([], "noisy/sop_noise_auroc"),
     "mnist1d_elr_plus.yaml": ([], "noisy/elr_target_acc_b"),
+    "mnist1d_promix.yaml": (["--model.init_args.warmup_epochs=1"], "noisy/promix_selection_precision"),
 }
 
 

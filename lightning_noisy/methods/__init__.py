@@ -6,7 +6,11 @@ from lightning_noisy.methods.dividemix import DivideMix
 from lightning_noisy.methods.elr_plus import ELRPlus
 from lightning_noisy.methods.feature_mixup import FeatureMixup
 from lightning_noisy.methods.joint_optimization import JointOptimization
+from lightning_noisy.methods.promix import ProMix
 from lightning_noisy.methods.self_learning import SelfLearning
 from lightning_noisy.methods.sop_plus import SOPPlus
 
-__all__ = ["CoTeaching", "DivideMix", "ELRPlus", "FeatureMixup", "JointOptimization", "NoisyClassifier", "SOPPlus", "SelfLearning"]
+__all__ = [
+    "CoTeaching", "DivideMix", "ELRPlus", "FeatureMixup", "JointOptimization", "NoisyClassifier", "ProMix", "SOPPlus",
+    "SelfLearning",
+]
