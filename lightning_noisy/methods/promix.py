@@ -1,4 +1,4 @@
-"""ProMix (Xiao, Chen, Sun, Zhou, Wang, Chen, Jiang, IJCAI 2023): progressive selection of clean samples and a
+"""ProMix (Xiao et al., IJCAI 2023): progressive selection of clean samples and a
 debiased semi-supervised stage with an auxiliary pseudo head."""
 
 from __future__ import annotations
