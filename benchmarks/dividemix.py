@@ -42,7 +42,7 @@ METHODS: dict[str, str] = {
     "FeatureMixup": "configs/mnist1d_feature_mixup.yaml",
 }
 DEFAULT_SETTINGS = ("sym:0.2", "sym:0.5", "sym:0.8", "sym:0.9", "asym:0.4")
-KINDS = {"sym": "symmetric", "asym": "asymmetric"}
+KINDS = {"sym": "symmetric", "asym": "asymmetric", "inst": "instance"}
 
 
 def dividemix_settings(kind: str, rate: float) -> dict[str, float]:
@@ -67,10 +67,10 @@ def dividemix_overrides(kind: str, rate: float) -> list[str]:
 
 
 def parse_setting(text: str) -> tuple[str, float]:
-    """``sym:0.5`` -> ``("symmetric", 0.5)``; ``asym:0.4`` -> ``("asymmetric", 0.4)``."""
+    """``sym:0.5`` -> ``("symmetric", 0.5)``; ``asym:0.4`` -> ``("asymmetric", 0.4)``; ``inst:0.4`` -> instance."""
     kind, _, rate = text.partition(":")
     if kind not in KINDS:
-        raise ValueError(f"a setting is sym:RATE or asym:RATE, got {text!r}")
+        raise ValueError(f"a setting is sym:RATE, asym:RATE or inst:RATE, got {text!r}")
     try:
         value = float(rate)
     except ValueError:
@@ -81,7 +81,8 @@ def parse_setting(text: str) -> tuple[str, float]:
 
 
 def label(kind: str, rate: float) -> str:
-    return f"{'sym.' if kind == 'symmetric' else 'asym.'} {rate:.0%}"
+    short = {"symmetric": "sym.", "asymmetric": "asym.", "instance": "inst."}[kind]
+    return f"{short} {rate:.0%}"
 
 
 def run_accuracy(
