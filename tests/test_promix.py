@@ -86,6 +86,22 @@ def test_first_step_after_selection_by_hand() -> None:
     torch.testing.assert_close(probe.losses[0][0], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_warmup_step_by_hand_with_the_confidence_penalty() -> None:
+    model, probe = promix(warmup_epochs=1, penalty_weight=0.5, weak_augment=half), LossProbe()
+    start = copy.deepcopy(model)
+    data = toy_dataset(n=8)
+    trainer(max_epochs=1, callbacks=[probe]).fit(model, DataLoader(data, batch_size=8))
+    x, y = 0.5 * torch.stack([data[i][0] for i in range(8)]), data.noisy_labels
+    expected = torch.tensor(0.0)
+    with torch.no_grad():
+        for net, head in zip(start.nets, start.pseudo_heads):
+            logits = net(x)
+            p = torch.softmax(logits, 1)
+            entropy = -(p * p.log()).sum(1).mean()
+            expected += F.cross_entropy(logits, y) + F.cross_entropy(head(net.features(x)), y) - 0.5 * entropy
+    torch.testing.assert_close(probe.losses[0][0], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_short_fit_selects_moves_its_priors_and_logs() -> None:
     model = promix(warmup_epochs=1, rho_start=0.5, rho_end=0.5, lr=0.2)
     run = trainer(max_epochs=3)
@@ -139,6 +155,7 @@ def test_two_ranks_end_with_the_same_selection_priors_and_weights() -> None:
         ({"tau": -0.1}, r"tau must be a number in \[0, 1\], got -0.1"),
         ({"temperature": 0.0}, r"temperature must be a finite number > 0, got 0.0"),
         ({"unlabelled_weight": -1.0}, r"unlabelled_weight must be a finite number >= 0, got -1.0"),
+        ({"penalty_weight": float("inf")}, r"penalty_weight must be a finite number >= 0, got inf"),
         ({"weak_augment": 3}, r"weak_augment must be a callable .* got int"),
         ({"num_classes": 1}, r"num_classes must be an integer >= 2, got 1"),
     ],

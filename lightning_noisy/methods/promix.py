@@ -18,6 +18,7 @@ from lightning_noisy.callbacks.base import find_training_labels, train_eval_load
 from lightning_noisy.callbacks.co_divide import per_sample_cross_entropy
 from lightning_noisy.losses._targets import check_finite_non_negative, check_finite_positive
 from lightning_noisy.losses.mixup import sample_mixup_lambda
+from lightning_noisy.losses.regularizers import entropy_loss
 from lightning_noisy.methods.classifier import (
     HeldOutAccuracy,
     OptimizerName,
@@ -122,6 +123,8 @@ class ProMix(HeldOutAccuracy):
         unlabelled_weight: weight of the pseudo head's loss on the samples not kept.
         mixup_alpha: ``alpha`` of mixup (the authors: 4); 0 disables the mixup term.
         consistency_rampup_epochs: epochs over which the strong-view and mixup terms reach full weight (50).
+        penalty_weight: weight of the warm-up confidence penalty, the negative entropy of the primary head's
+            predictions (the authors add it for asymmetric noise, as DivideMix does; 0 turns it off).
         weak_augment: the weak view; ``None``: :func:`~lightning_noisy.augment.default_augment` for series,
             the input as loaded for images.
         strong_augment: the strong view; ``None``: :func:`~lightning_noisy.augment.strong_augment`.
@@ -152,6 +155,7 @@ class ProMix(HeldOutAccuracy):
         unlabelled_weight: float = 0.1,
         mixup_alpha: float = 4.0,
         consistency_rampup_epochs: int = 50,
+        penalty_weight: float = 0.0,
         weak_augment: Augment | None = None,
         strong_augment: Augment | None = None,
         seed: int = 0,
@@ -181,6 +185,7 @@ class ProMix(HeldOutAccuracy):
         check_finite_non_negative("debias_strength", debias_strength)
         check_finite_positive("temperature", temperature)
         check_finite_non_negative("unlabelled_weight", unlabelled_weight)
+        check_finite_non_negative("penalty_weight", penalty_weight)
         check_finite_non_negative("mixup_alpha", mixup_alpha)
         for name, value in (("weak_augment", weak_augment), ("strong_augment", strong_augment)):
             if value is not None and not callable(value):
@@ -294,7 +299,10 @@ class ProMix(HeldOutAccuracy):
         hp = self.hparams
         logits_w, pseudo_w = self._heads(row, weak)
         if self.in_warmup:
-            return F.cross_entropy(logits_w, y) + F.cross_entropy(pseudo_w, y), logits_w
+            loss = F.cross_entropy(logits_w, y) + F.cross_entropy(pseudo_w, y)
+            if hp.penalty_weight > 0:  # minus the entropy: confident predictions cost more
+                loss = loss - hp.penalty_weight * entropy_loss(logits_w)
+            return loss, logits_w
         logits_s, pseudo_s = self._heads(row, strong)
         probabilities = torch.softmax(logits_w.detach().float(), dim=1)
         confident = probabilities.gather(1, y[:, None]).squeeze(1) > hp.tau
