@@ -8,11 +8,15 @@ takes one; :func:`strong_augment` has only a tensor-level fallback for ``[B, C, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["default_augment", "segment_mask", "step_generator", "strong_augment"]
+Augment = Callable[[Tensor], Tensor]
+
+__all__ = ["check_augment", "default_augment", "draw_views", "segment_mask", "step_generator", "strong_augment"]
 
 
 def default_augment(
@@ -161,3 +165,25 @@ def strong_augment(
         out = out + correlated_noise_std * scale * _correlated_noise(x, 5, generator)
     out = segment_mask(out, mask_fraction, generator)
     return default_augment(out, generator, noise_std=0.0, max_shift=max_shift)
+
+
+def check_augment(name: str, value: object) -> None:
+    """Refuse an augmentation argument that is neither ``None`` nor a callable."""
+    if value is not None and not callable(value):
+        raise ValueError(f"{name} must be a callable [B, ...] -> [B, ...] or None, got {type(value).__name__}")
+
+
+def draw_views(
+    x: Tensor, generator: torch.Generator, weak: Augment | None = None, strong: Augment | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(weak view, strong view)`` of a batch ``x [B, ...]``, each shaped as ``x``.
+
+    ``weak`` and ``strong`` are the user's augmentations (they draw from torch's global RNG); ``None`` takes
+    :func:`default_augment` (the batch as loaded for images ``[B, C, H, W]``, whose DataModule's crop and
+    flip is the weak view) and :func:`strong_augment`, drawn from ``generator``.
+    """
+    if weak is not None:
+        weak_view = weak(x)
+    else:
+        weak_view = x if x.ndim == 4 else default_augment(x, generator)
+    return weak_view, strong(x) if strong is not None else strong_augment(x, generator)

@@ -88,6 +88,16 @@ def linear_decay_factor(epoch: int, start: int, total: int) -> float:
     return min(1.0, (total - epoch) / (total - start))
 
 
+def one_optimizer(module: pl.LightningModule, params: Any) -> OptimizerLRScheduler:
+    """One optimiser over ``params`` and its per-epoch schedule, from ``module.hparams``."""
+    hp = module.hparams
+    optimizer = build_optimizer(params, hp.optimizer, hp.lr, hp.momentum, hp.weight_decay, hp.nesterov)
+    if hp.scheduler == "constant":
+        return optimizer
+    schedule = build_schedule(optimizer, hp.scheduler, list(hp.milestones or []), hp.gamma, module.trainer.max_epochs)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+
+
 def two_network_optimizers(module: pl.LightningModule, nets: tuple[torch.nn.Module, torch.nn.Module]) -> OptimizerLRScheduler:
     """One optimiser (and schedule) per network from ``module.hparams``, for the two-network modules."""
     hp = module.hparams
@@ -246,9 +256,4 @@ class NoisyClassifier(HeldOutAccuracy):
 
     @override
     def configure_optimizers(self) -> OptimizerLRScheduler:
-        hp = self.hparams
-        optimizer = build_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.momentum, hp.weight_decay, hp.nesterov)
-        if hp.scheduler == "constant":
-            return optimizer
-        schedule = build_schedule(optimizer, hp.scheduler, self.milestones, hp.gamma, self.trainer.max_epochs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+        return one_optimizer(self, self.parameters())

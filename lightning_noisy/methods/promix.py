@@ -4,7 +4,6 @@ debiased semi-supervised stage with an auxiliary pseudo head."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,9 +22,8 @@ from lightning_noisy.methods.classifier import (
     HeldOutAccuracy,
     OptimizerName,
     SchedulerName,
-    build_optimizer,
-    build_schedule,
     check_optimisation_args,
+    one_optimizer,
     resize_sample_buffers,
     split_batch,
 )
@@ -34,8 +32,6 @@ from lightning_noisy.models import build_backbone
 from lightning_noisy.state import BatchContract
 
 __all__ = ["ProMix", "class_wise_small_loss", "debiased_logits", "masked_mean", "selection_ratio"]
-
-Augment = Callable[[Tensor], Tensor]
 
 
 def selection_ratio(epoch: int, start: float, end: float, rampup_epochs: int) -> float:
@@ -156,8 +152,8 @@ class ProMix(HeldOutAccuracy):
         mixup_alpha: float = 4.0,
         consistency_rampup_epochs: int = 50,
         penalty_weight: float = 0.0,
-        weak_augment: Augment | None = None,
-        strong_augment: Augment | None = None,
+        weak_augment: augment.Augment | None = None,
+        strong_augment: augment.Augment | None = None,
         seed: int = 0,
         optimizer: OptimizerName = "sgd",
         lr: float = 0.05,
@@ -187,9 +183,8 @@ class ProMix(HeldOutAccuracy):
         check_finite_non_negative("unlabelled_weight", unlabelled_weight)
         check_finite_non_negative("penalty_weight", penalty_weight)
         check_finite_non_negative("mixup_alpha", mixup_alpha)
-        for name, value in (("weak_augment", weak_augment), ("strong_augment", strong_augment)):
-            if value is not None and not callable(value):
-                raise ValueError(f"{name} must be a callable [B, ...] -> [B, ...] or None, got {type(value).__name__}")
+        augment.check_augment("weak_augment", weak_augment)
+        augment.check_augment("strong_augment", strong_augment)
         self.num_classes = num_classes
         self.milestones = milestones
         self.weak_augment, self.strong_augment = weak_augment, strong_augment
@@ -282,11 +277,7 @@ class ProMix(HeldOutAccuracy):
         """``(weak, strong, generator)`` for a training batch ``x``; the generator also draws the mixups."""
         rank = self.trainer.global_rank if self._trainer is not None else 0
         generator = augment.step_generator(self.hparams.seed, self.current_epoch, batch_idx, rank, x.device)
-        if self.weak_augment is not None:
-            weak = self.weak_augment(x)
-        else:
-            weak = x if x.ndim == 4 else augment.default_augment(x, generator)
-        strong = self.strong_augment(x) if self.strong_augment is not None else augment.strong_augment(x, generator)
+        weak, strong = augment.draw_views(x, generator, self.weak_augment, self.strong_augment)
         return weak, strong, generator
 
     def _heads(self, row: int, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -385,9 +376,4 @@ class ProMix(HeldOutAccuracy):
 
     @override
     def configure_optimizers(self) -> OptimizerLRScheduler:
-        hp = self.hparams
-        optimizer = build_optimizer(self.parameters(), hp.optimizer, hp.lr, hp.momentum, hp.weight_decay, hp.nesterov)
-        if hp.scheduler == "constant":
-            return optimizer
-        schedule = build_schedule(optimizer, hp.scheduler, self.milestones, hp.gamma, self.trainer.max_epochs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+        return one_optimizer(self, self.parameters())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,17 +18,14 @@ from lightning_noisy.methods.classifier import (
     HeldOutAccuracy,
     OptimizerName,
     SchedulerName,
-    build_optimizer,
-    build_schedule,
     check_optimisation_args,
+    one_optimizer,
     split_batch,
 )
 from lightning_noisy.models import build_backbone
 from lightning_noisy.state import BatchContract
 
 __all__ = ["SOPPlus", "class_balance_loss", "consistency_loss"]
-
-Augment = Callable[[Tensor], Tensor]
 
 
 def class_balance_loss(probabilities: Tensor) -> Tensor:
@@ -113,8 +109,8 @@ class SOPPlus(HeldOutAccuracy):
         init_std: float = 1e-8,
         consistency_weight: float = 0.9,
         balance_weight: float = 0.1,
-        weak_augment: Augment | None = None,
-        strong_augment: Augment | None = None,
+        weak_augment: augment.Augment | None = None,
+        strong_augment: augment.Augment | None = None,
         seed: int = 0,
         shard_state: bool | None = None,
         fetch_window: int = 16,
@@ -135,9 +131,8 @@ class SOPPlus(HeldOutAccuracy):
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         check_finite_non_negative("consistency_weight", consistency_weight)
         check_finite_non_negative("balance_weight", balance_weight)
-        for name, value in (("weak_augment", weak_augment), ("strong_augment", strong_augment)):
-            if value is not None and not callable(value):
-                raise ValueError(f"{name} must be a callable [B, ...] -> [B, ...] or None, got {type(value).__name__}")
+        augment.check_augment("weak_augment", weak_augment)
+        augment.check_augment("strong_augment", strong_augment)
         # built here so that bad u, v arguments fail at construction, with the callback's own messages
         self.sop = SOPCallback(lr_u=lr_u, lr_v=lr_v, init_std=init_std, seed=seed, shard_state=shard_state,
                                fetch_window=fetch_window)
@@ -158,16 +153,9 @@ class SOPPlus(HeldOutAccuracy):
 
     def views(self, x: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
         """``(weak, strong)`` random views of a training batch ``x [B, ...]``, each shaped as ``x``."""
-        generator = None
-        if self.weak_augment is None or self.strong_augment is None:
-            rank = self.trainer.global_rank if self._trainer is not None else 0
-            generator = augment.step_generator(self.hparams.seed, self.current_epoch, batch_idx, rank, x.device)
-        if self.weak_augment is not None:
-            weak = self.weak_augment(x)
-        else:
-            weak = x if x.ndim == 4 else augment.default_augment(x, generator)
-        strong = self.strong_augment(x) if self.strong_augment is not None else augment.strong_augment(x, generator)
-        return weak, strong
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        generator = augment.step_generator(self.hparams.seed, self.current_epoch, batch_idx, rank, x.device)
+        return augment.draw_views(x, generator, self.weak_augment, self.strong_augment)
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
@@ -195,10 +183,4 @@ class SOPPlus(HeldOutAccuracy):
 
     @override
     def configure_optimizers(self) -> OptimizerLRScheduler:
-        hp = self.hparams
-        optimizer = build_optimizer(self.backbone.parameters(), hp.optimizer, hp.lr, hp.momentum, hp.weight_decay,
-                                    hp.nesterov)
-        if hp.scheduler == "constant":
-            return optimizer
-        schedule = build_schedule(optimizer, hp.scheduler, self.milestones, hp.gamma, self.trainer.max_epochs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+        return one_optimizer(self, self.backbone.parameters())
