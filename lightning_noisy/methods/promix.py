@@ -94,8 +94,10 @@ class ProMix(HeldOutAccuracy):
       prediction of the weak view, weighted by ``unlabelled_weight``.
 
     Evaluation uses the mean of the two primary heads' logits. Simplifications against the authors' code:
-    no FMix term, no label guessing by agreement (their last 250 of 600 epochs), and the running priors move
-    once per epoch (``prior_momentum``) from every rank's sums, instead of once per step.
+    no FMix term, no label guessing by agreement (their last 250 of 600 epochs), the running priors move
+    once per epoch (``prior_momentum``) from every rank's sums instead of once per step, the ramps of ``rho``
+    and of the consistency weight count from the end of the warm-up (theirs from epoch 0), and the weight of
+    the unlabelled term is constant.
     The training batches must carry the sample index (the package's DataModules or
     :class:`~lightning_noisy.data.NoisyLabelDataset`); the backbone must have ``features`` and
     ``feature_dim`` (every backbone of :func:`~lightning_noisy.models.build_backbone` has).
@@ -116,7 +118,8 @@ class ProMix(HeldOutAccuracy):
         debias_strength: the weight of ``log(prior)`` in the debiased logits (CIFAR-10: 0.8).
         prior_momentum: per-epoch momentum of the running priors.
         temperature: sharpening of the pseudo labels (0.5).
-        unlabelled_weight: weight of the pseudo head's loss on the samples not kept.
+        unlabelled_weight: weight of the pseudo head's loss on the samples not kept (constant here; the
+            authors' code ramps it to 0.1 over its first 100 of 600 epochs and then drops it).
         mixup_alpha: ``alpha`` of mixup (the authors: 4); 0 disables the mixup term.
         consistency_rampup_epochs: epochs over which the strong-view and mixup terms reach full weight (50).
         penalty_weight: weight of the warm-up confidence penalty, the negative entropy of the primary head's
