@@ -28,7 +28,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,17 +85,23 @@ def label(kind: str, rate: float) -> str:
     return f"{short} {rate:.0%}"
 
 
+def method_overrides(method: str, kind: str, rate: float) -> list[str]:
+    """DivideMix's per-setting values (:func:`dividemix_overrides`); none for the other methods."""
+    return dividemix_overrides(kind, rate) if method == "DivideMix" else []
+
+
 def run_accuracy(
     methods: Sequence[str], settings: Sequence[tuple[str, float]], seeds: Sequence[int], num_samples: int | None,
-    jobs: int, extra: Sequence[str], cache_dir: Path | None = None,
+    jobs: int, extra: Sequence[str], cache_dir: Path | None = None, configs: Mapping[str, str] = METHODS,
+    per_setting: Callable[[str, str, float], list[str]] = method_overrides,
 ) -> dict[tuple[str, tuple[str, float]], list[RunResult]]:
+    """Every ``(method, setting, seed)`` run of ``configs[method]`` with the noise of the setting, then
+    ``per_setting(method, kind, rate)`` and ``extra`` as CLI overrides; the results by ``(method, setting)``."""
     grid = [(m, s, seed) for s in settings for m in methods for seed in seeds]
     specs = []
     for method, (kind, rate), seed in grid:
-        overrides = noise_overrides(kind, rate, num_samples)
-        if method == "DivideMix":
-            overrides += dividemix_overrides(kind, rate)
-        specs.append((METHODS[method], [*overrides, *extra], seed))
+        overrides = noise_overrides(kind, rate, num_samples) + per_setting(method, kind, rate)
+        specs.append((configs[method], [*overrides, *extra], seed))
     results: dict[tuple[str, tuple[str, float]], list[RunResult]] = {}
     for (method, setting, _), result in zip(grid, run_many(specs, processes=jobs, cache_dir=cache_dir)):
         results.setdefault((method, setting), []).append(result)

@@ -19,8 +19,8 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from common import RunResult, markdown_table, mean_spread, noise_overrides, run_many
-from dividemix import dividemix_overrides, label, parse_setting
+from common import RunResult, markdown_table, mean_spread
+from dividemix import dividemix_overrides, label, parse_setting, run_accuracy
 
 #: every training method, by the name of its row, and its config
 METHODS: dict[str, str] = {
@@ -56,21 +56,6 @@ def setting_overrides(method: str, kind: str, rate: float) -> list[str]:
     return []
 
 
-def run_grid(
-    methods: Sequence[str], settings: Sequence[tuple[str, float]], seeds: Sequence[int], num_samples: int | None,
-    jobs: int, extra: Sequence[str], cache_dir: Path,
-) -> dict[tuple[str, tuple[str, float]], list[RunResult]]:
-    grid = [(m, s, seed) for s in settings for m in methods for seed in seeds]
-    specs = []
-    for method, (kind, rate), seed in grid:
-        overrides = noise_overrides(kind, rate, num_samples) + setting_overrides(method, kind, rate)
-        specs.append((METHODS[method], [*overrides, *extra], seed))
-    results: dict[tuple[str, tuple[str, float]], list[RunResult]] = {}
-    for (method, setting, _), result in zip(grid, run_many(specs, processes=jobs, cache_dir=cache_dir)):
-        results.setdefault((method, setting), []).append(result)
-    return results
-
-
 def leaderboard(results: dict[tuple[str, tuple[str, float]], list[RunResult]], methods: Sequence[str],
                 settings: Sequence[tuple[str, float]]) -> str:
     """One row per method: best / last per setting, then the median seconds per epoch and its ratio to CE's."""
@@ -100,7 +85,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("benchmarks/out/leaderboard"))
     args = parser.parse_args()
     settings = [parse_setting(s) for s in args.settings]
-    results = run_grid(args.methods, settings, args.seeds, args.num_samples, args.jobs, args.override, args.cache)
+    results = run_accuracy(args.methods, settings, args.seeds, args.num_samples, args.jobs, args.override, args.cache,
+                           configs=METHODS, per_setting=setting_overrides)
     print(leaderboard(results, args.methods, settings))
 
 

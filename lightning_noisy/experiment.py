@@ -25,8 +25,8 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 TRACKED = (
-    "test/acc", "test/acc_a", "test/acc_b", "test/acc_mean", "train/loss", "noisy/recovery_acc", "noisy/train_pred_acc", "noisy/changed_frac", "noisy/transition_mae",
-    "noisy/codivide_auroc",
+    "test/acc", "test/acc_a", "test/acc_b", "test/acc_mean", "train/loss", "noisy/recovery_acc", "noisy/train_pred_acc",
+    "noisy/changed_frac", "noisy/transition_mae", "noisy/codivide_auroc",
 )
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_noisy.methods import ProMix
-from lightning_noisy.methods.promix import class_wise_small_loss, debiased_logits, selection_ratio
+from lightning_noisy.methods.promix import class_wise_small_loss, debiased_logits, linear_ramp
 
 LINEAR = {"in_features": NUM_FEATURES, "hidden": []}
 
@@ -37,9 +37,9 @@ def half(x: Tensor) -> Tensor:
 
 
 def test_pieces_by_hand() -> None:
-    assert selection_ratio(0, 0.2, 0.6, 50) == pytest.approx(0.2)
-    assert selection_ratio(25, 0.2, 0.6, 50) == pytest.approx(0.4)
-    assert selection_ratio(80, 0.2, 0.6, 50) == selection_ratio(0, 0.2, 0.6, 0) == pytest.approx(0.6)
+    assert linear_ramp(0, 0.2, 0.6, 50) == pytest.approx(0.2)
+    assert linear_ramp(25, 0.2, 0.6, 50) == pytest.approx(0.4)
+    assert linear_ramp(80, 0.2, 0.6, 50) == linear_ramp(0, 0.2, 0.6, 0) == pytest.approx(0.6)
     losses = torch.tensor([0.5, 0.1, 0.9, 0.3, 0.7, 0.2])
     labels = torch.tensor([0, 0, 0, 1, 1, 2])
     # ceil(0.5 * 6 / 3) = 1 per class: the smallest loss of each class

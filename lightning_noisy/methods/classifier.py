@@ -15,6 +15,7 @@ from typing_extensions import override
 from lightning_noisy.losses import get_loss
 from lightning_noisy.losses.mixup import mixup_batch
 from lightning_noisy.models import build_backbone
+from lightning_noisy.state import BatchContract
 
 OptimizerName = Literal["sgd", "adamw"]
 SchedulerName = Literal["constant", "multistep", "cosine", "linear"]
@@ -25,6 +26,13 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
     if not isinstance(batch, (list, tuple)) or len(batch) not in (2, 3):
         raise ValueError(f"expected a batch [input, target] or [input, target, index], got {type(batch).__name__}")
     return batch[0], batch[1]
+
+
+def batch_index(module: pl.LightningModule, batch: Any) -> Tensor | None:
+    """``[B]`` dataset indices of a training batch: its third element, or what the batch contract took out."""
+    if isinstance(batch, (list, tuple)) and len(batch) == 3:
+        return batch[2]
+    return BatchContract.current_index(module)
 
 
 def build_optimizer(
@@ -227,7 +235,6 @@ class NoisyClassifier(HeldOutAccuracy):
         if not mixup_alpha >= 0:
             raise ValueError(f"mixup_alpha must be >= 0, got {mixup_alpha}")
         self.num_classes = int(num_classes)
-        self.milestones = milestones
         self.backbone = build_backbone(backbone, self.num_classes, **(backbone_kwargs or {}))
         if label_smoothing > 0:
             self.criterion = get_loss("label_smoothing", smoothing=label_smoothing)

@@ -18,13 +18,13 @@ from lightning_noisy.losses._targets import check_finite_positive
 from lightning_noisy.methods.classifier import (
     OptimizerName,
     SchedulerName,
+    batch_index,
     check_optimisation_args,
     split_batch,
     step_schedules,
     two_network_optimizers,
 )
 from lightning_noisy.models import build_backbone
-from lightning_noisy.state import BatchContract
 
 __all__ = ["CoTeaching", "disagreement_mask", "forget_rate_schedule", "small_loss_selection"]
 
@@ -190,7 +190,6 @@ class CoTeaching(pl.LightningModule):
         if isinstance(disagreement_start_epoch, bool) or int(disagreement_start_epoch) < 0:
             raise ValueError(f"disagreement_start_epoch must be >= 0, got {disagreement_start_epoch}")
         self.num_classes = int(num_classes)
-        self.milestones = milestones
         kwargs = backbone_kwargs or {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -252,12 +251,6 @@ class CoTeaching(pl.LightningModule):
             idx_a, idx_b = small_loss_selection(loss_a, loss_b, rate)
         return candidates[idx_a], candidates[idx_b]
 
-    def _batch_index(self, batch: Any) -> Tensor | None:
-        """``[B]`` dataset indices of the batch: its third element, or what the batch contract took out."""
-        if isinstance(batch, (list, tuple)) and len(batch) == 3:
-            return batch[2]
-        return BatchContract.current_index(self)
-
     @override
     def on_train_start(self) -> None:
         self._is_clean = None
@@ -286,7 +279,7 @@ class CoTeaching(pl.LightningModule):
         optimizer_a, optimizer_b = self.optimizers()  # type: ignore[misc]
         logits_a, logits_b = self.net_a(x), self.net_b(x)
         idx_a, idx_b = self.select(logits_a, logits_b, y, self.current_epoch)
-        self._count_selection(self._batch_index(batch), idx_a, idx_b)
+        self._count_selection(batch_index(self, batch), idx_a, idx_b)
         selected = idx_a.numel()
         if selected > 0:
             loss_a = F.cross_entropy(logits_a[idx_a], y[idx_a])

@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
@@ -168,6 +169,23 @@ def uniform_prior_penalty(logits: Tensor) -> Tensor:
     mean prediction). Same as :func:`~lightning_noisy.losses.regularizers.prior_loss` with a uniform prior.
     """
     return prior_loss(logits)
+
+
+def eval_mode_losses(module: pl.LightningModule, net: nn.Module, loader: DataLoader, num_samples: int) -> Tensor:
+    """``[N]`` float32 cross-entropy of ``module``'s network ``net`` (eval mode) against the noisy labels.
+
+    During a fit the pass is split between the DDP ranks and gathered (a collective: every rank calls
+    it), see :func:`~lightning_noisy.callbacks.co_divide.per_sample_cross_entropy`.
+    """
+    trainer = module._trainer
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    collective = trainer.strategy.root_device if trainer is not None else module.device
+    was_training = net.training
+    net.eval()
+    try:
+        return per_sample_cross_entropy(net, loader, num_samples, module.device, rank, world, collective)
+    finally:
+        net.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------- module
@@ -335,7 +353,6 @@ class DivideMix(HeldOutAccuracy):
         if not isinstance(divide_per_class, bool):
             raise ValueError(f"divide_per_class must be a bool, got {divide_per_class!r}")
         self.num_classes = int(num_classes)
-        self.milestones = milestones
         self.augment = augment
         kwargs = backbone_kwargs or {}
         with torch.random.fork_rng(devices=[]):
@@ -391,20 +408,8 @@ class DivideMix(HeldOutAccuracy):
 
     # ------------------------------------------------------------------ co-divide
     def per_sample_losses(self, net: nn.Module, loader: DataLoader, num_samples: int) -> Tensor:
-        """``[N]`` float32 cross-entropy of ``net`` (eval mode) against the noisy labels, indexed by sample.
-
-        During a fit the pass is split between the DDP ranks and gathered (a collective: every rank calls
-        it), see :func:`~lightning_noisy.callbacks.co_divide.per_sample_cross_entropy`.
-        """
-        trainer = self._trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        collective = trainer.strategy.root_device if trainer is not None else self.device
-        was_training = net.training
-        net.eval()
-        try:
-            return per_sample_cross_entropy(net, loader, num_samples, self.device, rank, world, collective)
-        finally:
-            net.train(was_training)
+        """``[N]`` float32 cross-entropy of ``net`` (eval mode) against the noisy labels: :func:`eval_mode_losses`."""
+        return eval_mode_losses(self, net, loader, num_samples)
 
     def co_divide(self) -> None:
         """Fit the division of each network on its per-sample losses; fills ``prob_a`` and ``prob_b``."""

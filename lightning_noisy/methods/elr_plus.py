@@ -15,10 +15,10 @@ from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_noisy import augment
 from lightning_noisy.callbacks.base import TrainingLabels
-from lightning_noisy.callbacks.elr import ELRCallback, clamped_probabilities
-from lightning_noisy.losses._targets import check_finite_non_negative, check_finite_positive
-from lightning_noisy.losses.mixup import sample_mixup_lambda
+from lightning_noisy.callbacks.elr import ELRCallback, clamped_probabilities, elr_term, ensemble_targets
+from lightning_noisy.losses._targets import check_finite_non_negative
 from lightning_noisy.methods.classifier import (
     HeldOutAccuracy,
     OptimizerName,
@@ -28,6 +28,7 @@ from lightning_noisy.methods.classifier import (
     step_schedules,
     two_network_optimizers,
 )
+from lightning_noisy.methods.dividemix import mixmatch_lambda
 from lightning_noisy.models import build_backbone
 from lightning_noisy.state import StepContext
 from lightning_noisy.state.storage import StorageDtype
@@ -68,8 +69,7 @@ def mixed_elr_loss(
         weight: ``lambda``.
     """
     ce = -(mixed_labels * torch.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
-    inner = (mixed_targets.detach() * clamped_probabilities(logits)).sum(dim=1)
-    return ce, weight * torch.log(1.0 - inner).mean()
+    return ce, weight * elr_term(clamped_probabilities(logits), mixed_targets)
 
 
 class PeerTargets(ELRCallback):
@@ -100,8 +100,7 @@ class PeerTargets(ELRCallback):
             raise RuntimeError("PeerTargets.ensemble is called from the training step of the module that owns it")
         p = probabilities.detach()
         self._supplied = p / p.sum(dim=1, keepdim=True)
-        stored = self._batch_targets.to(p.device, p.dtype)
-        return self.beta * stored + (1.0 - self.beta) * self._supplied
+        return ensemble_targets(self._batch_targets.to(p.device, p.dtype), p, self.beta)
 
     @override
     def on_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:
@@ -203,7 +202,6 @@ class ELRPlus(HeldOutAccuracy):
         )
         check_finite_non_negative("weight", weight)
         self.num_classes = num_classes
-        self.milestones = milestones
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.net_a: nn.Module = build_backbone(backbone, num_classes, **(backbone_kwargs or {}))
@@ -229,8 +227,7 @@ class ELRPlus(HeldOutAccuracy):
         alpha = float(self.hparams.mixup_alpha)
         if alpha == 0:
             return 1.0, torch.arange(size, device=device)
-        lam = sample_mixup_lambda(alpha, generator)
-        return max(lam, 1.0 - lam), torch.randperm(size, generator=generator).to(device)
+        return mixmatch_lambda(alpha, generator), torch.randperm(size, generator=generator).to(device)
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
@@ -239,7 +236,7 @@ class ELRPlus(HeldOutAccuracy):
             raise ValueError(f"ELRPlus trains on the hard given labels [B], got {y.dtype} {tuple(y.shape)}")
         hp = self.hparams
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        generator = torch.Generator().manual_seed(hash((hp.seed, self.current_epoch, batch_idx, rank)) % 2**62)
+        generator = augment.step_generator(hp.seed, self.current_epoch, batch_idx, rank, torch.device("cpu"))
         labels = F.one_hot(y, self.num_classes).float()
         nets = ((self.net_a, self.average_b, self.peer_targets[0]), (self.net_b, self.average_a, self.peer_targets[1]))
         losses, terms = [], []

@@ -14,29 +14,28 @@ from typing_extensions import override
 
 from lightning_noisy import augment
 from lightning_noisy.callbacks.base import find_training_labels, train_eval_loader
-from lightning_noisy.callbacks.co_divide import per_sample_cross_entropy
 from lightning_noisy.losses._targets import check_finite_non_negative, check_finite_positive
-from lightning_noisy.losses.mixup import sample_mixup_lambda
 from lightning_noisy.losses.regularizers import entropy_loss
 from lightning_noisy.methods.classifier import (
     HeldOutAccuracy,
     OptimizerName,
     SchedulerName,
+    batch_index,
     check_optimisation_args,
     one_optimizer,
     resize_sample_buffers,
     split_batch,
 )
-from lightning_noisy.methods.dividemix import sharpen
+from lightning_noisy.methods.dividemix import eval_mode_losses, mixmatch_lambda, sharpen
 from lightning_noisy.models import build_backbone
-from lightning_noisy.state import BatchContract
 
-__all__ = ["ProMix", "class_wise_small_loss", "debiased_logits", "masked_mean", "selection_ratio"]
+__all__ = ["ProMix", "class_wise_small_loss", "debiased_logits", "linear_ramp", "masked_mean"]
 
 
-def selection_ratio(epoch: int, start: float, end: float, rampup_epochs: int) -> float:
-    """``rho`` at ``epoch`` (0-based, counted from the end of the warm-up): ``start`` rising linearly to
-    ``end`` over ``rampup_epochs`` epochs (ProMix's progressive selection), ``end`` after."""
+def linear_ramp(epoch: int, start: float, end: float, rampup_epochs: int) -> float:
+    """The value at ``epoch`` (0-based, counted from the end of the warm-up) of ``start`` rising linearly to
+    ``end`` over ``rampup_epochs`` epochs, ``end`` after: ProMix's ``rho`` (progressive selection) and the
+    weight of its strong-view and mixup terms (from 0 to 1)."""
     if rampup_epochs == 0:
         return end
     return start + (end - start) * min(epoch / rampup_epochs, 1.0)
@@ -82,7 +81,7 @@ class ProMix(HeldOutAccuracy):
     ``warmup_epochs`` of cross-entropy, at the start of every epoch each network scores the training set
     (eval mode) and keeps, per given class, the ``rho N / C`` samples of smallest loss
     (:func:`class_wise_small_loss`), with ``rho`` rising from ``rho_start`` to ``rho_end``
-    (:func:`selection_ratio`). Within each batch a sample is also kept when the network gives its given label
+    (:func:`linear_ramp`). Within each batch a sample is also kept when the network gives its given label
     a probability above ``tau`` (matched high confidence). Per network, on a weak and a strong view:
 
     - primary head, kept samples only: cross-entropy of the debiased logits (:func:`debiased_logits`, with the
@@ -189,7 +188,6 @@ class ProMix(HeldOutAccuracy):
         augment.check_augment("weak_augment", weak_augment)
         augment.check_augment("strong_augment", strong_augment)
         self.num_classes = num_classes
-        self.milestones = milestones
         self.weak_augment, self.strong_augment = weak_augment, strong_augment
         nets, heads = [], []
         with torch.random.fork_rng(devices=[]):
@@ -243,16 +241,9 @@ class ProMix(HeldOutAccuracy):
         hp = self.hparams
         loader = train_eval_loader(self.trainer, "ProMix")
         n = int(self.selected.shape[1])
-        rho = selection_ratio(self.current_epoch - hp.warmup_epochs, hp.rho_start, hp.rho_end, hp.rho_rampup_epochs)
-        trainer = self.trainer
+        rho = linear_ramp(self.current_epoch - hp.warmup_epochs, hp.rho_start, hp.rho_end, hp.rho_rampup_epochs)
         for row, net in enumerate(self.nets):
-            was_training = net.training
-            net.eval()
-            try:
-                losses = per_sample_cross_entropy(net, loader, n, self.device, trainer.global_rank,
-                                                  trainer.world_size, trainer.strategy.root_device)
-            finally:
-                net.train(was_training)
+            losses = eval_mode_losses(self, net, loader, n)
             chosen = class_wise_small_loss(losses.cpu(), self._noisy_labels, rho, self.num_classes)
             self.selected[row] = chosen.to(self.selected.device)
         self.log("promix/rho", rho)
@@ -266,9 +257,7 @@ class ProMix(HeldOutAccuracy):
 
     # ------------------------------------------------------------------ training
     def _batch_index(self, batch: Any) -> Tensor:
-        if isinstance(batch, (list, tuple)) and len(batch) == 3:
-            return batch[2]
-        index = BatchContract.current_index(self)
+        index = batch_index(self, batch)
         if index is None:
             raise ValueError(
                 "ProMix needs the sample index in the training batches ([input, target, index]): use the "
@@ -302,9 +291,7 @@ class ProMix(HeldOutAccuracy):
         confident = probabilities.gather(1, y[:, None]).squeeze(1) > hp.tau
         kept = selected | confident
         self._count_priors(row, probabilities, kept)
-        ramp = min(1.0, (self.current_epoch - hp.warmup_epochs) / max(hp.consistency_rampup_epochs, 1))
-        if hp.consistency_rampup_epochs == 0:
-            ramp = 1.0
+        ramp = linear_ramp(self.current_epoch - hp.warmup_epochs, 0.0, 1.0, hp.consistency_rampup_epochs)
         prior_kept, prior_other = self.priors[row, 0], self.priors[row, 1]
         strength = float(hp.debias_strength)
         # masked means rather than indexing: every parameter is in every rank's graph, as DDP needs
@@ -327,8 +314,7 @@ class ProMix(HeldOutAccuracy):
     def _mixup_loss(self, row: int, x: Tensor, y: Tensor, kept: Tensor, prior: Tensor,
                     generator: torch.Generator) -> Tensor:
         """Cross-entropy of both heads on a mixup of the kept samples among themselves (the rest unmixed, weight 0)."""
-        lam = sample_mixup_lambda(float(self.hparams.mixup_alpha), generator)
-        lam = max(lam, 1.0 - lam)
+        lam = mixmatch_lambda(float(self.hparams.mixup_alpha), generator)
         members = kept.nonzero().flatten()
         shuffled = members[torch.randperm(members.numel(), generator=generator, device=generator.device).to(x.device)]
         order = torch.arange(x.shape[0], device=x.device).index_copy(0, members, shuffled)

@@ -137,7 +137,6 @@ class SOPPlus(HeldOutAccuracy):
         self.sop = SOPCallback(lr_u=lr_u, lr_v=lr_v, init_std=init_std, seed=seed, shard_state=shard_state,
                                fetch_window=fetch_window)
         self.num_classes = num_classes
-        self.milestones = milestones
         self.weak_augment, self.strong_augment = weak_augment, strong_augment
         self.backbone = build_backbone(backbone, num_classes, **(backbone_kwargs or {}))
         self.init_accuracy(num_classes)
