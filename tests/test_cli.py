@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_noisy.aum_combine import main as combine
 from lightning_noisy.cli import main
+from lightning_noisy.data import DatasetNotFoundError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ["--trainer.max_epochs=1", "--data.init_args.num_samples=300", "--trainer.enable_progress_bar=false"]
@@ -54,6 +57,24 @@ def test_bad_config_value_is_reported_before_training(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"noise_rate must be in \[0, 1\], got 1.5"):
         main(["fit", "--config", str(CONFIGS / "mnist1d_ce.yaml"), "--data.init_args.noise_rate=1.5",
               f"--trainer.default_root_dir={tmp_path}"])
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_cifar_config_offline_ends_in_where_to_put_the_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_internet(*args, **kwargs):
+        raise urllib.error.URLError("no internet (test)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_internet)  # torchvision's download goes through it
+    root = tmp_path / "cifar"
+    with pytest.raises(DatasetNotFoundError) as info:
+        main([
+            "fit", "--config", str(CONFIGS / "cifar10_dividemix.yaml"), f"--data.init_args.root={root}",
+            "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true",
+            f"--trainer.default_root_dir={tmp_path}",
+        ])
+    assert isinstance(info.value.__cause__, urllib.error.URLError)
+    assert str(info.value).startswith(f"CIFAR-10 is not in {root} (the download failed: URLError")
+    assert f"CIFAR10('{root}', download=True)" in str(info.value)
     assert not (tmp_path / "lightning_logs").exists()
 
 

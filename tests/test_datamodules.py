@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import random
+import re
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import ClassVar
 
@@ -15,6 +18,7 @@ from PIL import Image
 
 from lightning_noisy.data import (
     CIFARDataModule,
+    DatasetNotFoundError,
     DigitsDataModule,
     ImageFolderCSVDataModule,
     MNIST1DDataModule,
@@ -248,8 +252,57 @@ def test_cifar_n(tmp_path: Path) -> None:
 def test_cifar_real_torchvision_class_without_files_fails_offline(tmp_path: Path) -> None:
     dm = CIFARDataModule(root=str(tmp_path), download=False)
     dm.prepare_data()  # nothing to do without download
-    with pytest.raises(RuntimeError, match="Dataset not found"):
+    expected = re.escape(f"CIFAR-10 is not in {tmp_path} (download=False)")
+    with pytest.raises(DatasetNotFoundError, match=expected) as info:
         dm.setup("fit")
+    assert "Dataset not found" in str(info.value.__cause__)  # torchvision's own error, chained
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, FileNotFoundError)
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every download fails with a URLError, as on a compute node without internet; gives the URLs asked for."""
+    urls: list[str] = []
+
+    def urlopen(request, *args, **kwargs):
+        urls.append(getattr(request, "full_url", request))
+        raise urllib.error.URLError("no internet (test)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)  # what torchvision.datasets.utils calls
+    return urls
+
+
+@pytest.mark.parametrize(
+    ("dataset", "name", "cls", "folder"),
+    [
+        ("cifar10", "CIFAR-10", "CIFAR10", "cifar-10-batches-py"),
+        ("cifar100", "CIFAR-100", "CIFAR100", "cifar-100-python"),
+    ],
+)
+def test_cifar_download_failure_says_where_and_how(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline: list[str], dataset: str, name: str, cls: str, folder: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    dm = CIFARDataModule(root="data", dataset=dataset)  # a relative root is reported as an absolute path
+    with pytest.raises(DatasetNotFoundError) as info:
+        dm.prepare_data()
+    root = tmp_path / "data"
+    message = str(info.value)
+    assert offline and offline[0].startswith("https://www.cs.toronto.edu/~kriz/")  # torchvision did try to fetch
+    assert isinstance(info.value.__cause__, urllib.error.URLError)
+    assert message.startswith(f"{name} is not in {root} (the download failed: URLError")
+    assert f"Expected {root / folder}" in message
+    assert f"python -c \"from torchvision.datasets import {cls}; {cls}('{root}', download=True)\"" in message
+    assert f"copy the folder {folder} into {root}" in message
+    assert "Traceback" not in message and len(message.splitlines()) == 5
+
+
+def test_cifar_n_label_file_missing_says_where_to_get_it(tmp_path: Path) -> None:
+    missing = tmp_path / "CIFAR-10_human.pt"
+    with pytest.raises(DatasetNotFoundError, match=re.escape(f"noise_file '{missing}' does not exist")) as info:
+        SyntheticCIFAR(noise_type="cifar_n", noise_file=str(missing), noise_label_key="worse_label")
+    assert "https://github.com/UCSC-REAL/cifar-10-100n/raw/main/data/CIFAR-10_human.pt" in str(info.value)
+    assert FakeCIFAR10.calls == []
 
 
 # ------------------------------------------------------------------ image folder + CSV
@@ -351,6 +404,10 @@ def test_image_csv_bad_args(image_root: Path) -> None:
         ImageFolderCSVDataModule(root, "missing.csv")
     with pytest.raises(ValueError, match=r"CSV labels must be in \[0, 2\) for num_classes=2, got values in \[0, 2\]"):
         ImageFolderCSVDataModule(root, "train_noisy.csv", num_classes=2)
+    (image_root / "negative.csv").write_text("path,label\nimg0.png,-1\nimg1.png,-1\n")
+    negative = r"CSV labels must be in \[0, num_classes\), got values in \[-1, -1\]; 2 of 2 are negative, the first at"
+    with pytest.raises(ValueError, match=negative):
+        ImageFolderCSVDataModule(root, "negative.csv")  # not "num_classes (inferred ...) must be >= 2, got 0"
     (image_root / "bad.csv").write_text("file,label\nimg0.png,1\n")
     with pytest.raises(ValueError, match="train_csv must be a CSV with a 'path,label"):
         ImageFolderCSVDataModule(root, "bad.csv")

@@ -79,6 +79,41 @@ def test_noisy_dataset_bad_input(base: TensorPairDataset, kwargs: dict, fragment
         assert fragment in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (  # issue 16: this said "num_classes (inferred as max label + 1) must be an int >= 2, got 0"
+            {"noisy_labels": torch.tensor([-1, -1, -1, -1, -1, -1])},
+            r"noisy_labels must be in \[0, num_classes\), got values in \[-1, -1\]; 6 of 6 are negative,"
+            r" the first at index 0 \(value -1\)",
+        ),
+        (
+            {"noisy_labels": torch.tensor([0, 1, 2, -4, 1, -1])},
+            r"noisy_labels must be in \[0, num_classes\), got values in \[-4, 2\]; 2 of 6 are negative,"
+            r" the first at index 3 \(value -4\)",
+        ),
+        (
+            {"noisy_labels": torch.tensor([0, 1, 2, 0, 1, 2]), "clean_labels": torch.tensor([0, 1, 2, 0, -2, 2])},
+            r"clean_labels must be in \[0, num_classes\), got values in \[-2, 2\]; 1 of 6 are negative,"
+            r" the first at index 4 \(value -2\)",
+        ),
+        (
+            {"noisy_labels": torch.tensor([0, -1, 2, 3, 0, 7]), "num_classes": 3},
+            r"noisy_labels must be in \[0, 3\) for num_classes=3, got values in \[-1, 7\]; 3 of 6 are outside it,"
+            r" the first at index 1 \(value -1\)",
+        ),
+        (
+            {"noisy_labels": torch.zeros(6, dtype=torch.int64)},
+            r"num_classes \(inferred as max label \+ 1\) must be >= 2, got 1 because every label is 0:"
+            r" pass num_classes",
+        ),
+    ],
+)
+def test_labels_outside_the_classes_are_named(base: TensorPairDataset, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        NoisyLabelDataset(base, **kwargs)
+
+
 def test_tensor_pair_bad_input() -> None:
     with pytest.raises(ValueError, match=r"y must have one label per row of x \(3\), got 2"):
         TensorPairDataset(torch.zeros(3, 2), torch.zeros(2, dtype=torch.int64))

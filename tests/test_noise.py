@@ -417,8 +417,11 @@ def test_bad_csv_contents(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"without a 'label' column, got columns \['x', 'y'\]"):
         load_noisy_labels(tmp_path / "a.csv", 3)
     (tmp_path / "b.csv").write_text("label\n1\ncat\n")
-    with pytest.raises(ValueError, match="must hold integer labels"):
+    with pytest.raises(ValueError, match=r"must hold integer labels, got 'cat' as label 1 .*; 1 of 2 are not integers"):
         load_noisy_labels(tmp_path / "b.csv", 3)
+    (tmp_path / "d.csv").write_text("label\n")
+    with pytest.raises(ValueError, match="must hold integer labels, got a header and no labels"):
+        load_noisy_labels(tmp_path / "d.csv", 3)
     (tmp_path / "c.csv").write_text("1\n-1\n")
     with pytest.raises(ValueError, match=r"labels must be in \[0, 3\).*got values in \[-1, 1\]"):
         load_noisy_labels(tmp_path / "c.csv", 3)
@@ -442,8 +445,11 @@ def test_save_corrected_hard_labels(tmp_path) -> None:
 
 
 def test_save_corrected_rejects_non_distributions(tmp_path) -> None:
-    with pytest.raises(ValueError, match="probability rows"):
+    first_row = r"probability rows .* got 1 of 2 rows that are not; the first is row 0: \[0.5, 0.6\] \(sum 1.1\)"
+    with pytest.raises(ValueError, match=first_row):
         save_corrected_labels(tmp_path / "bad.pt", torch.tensor([[0.5, 0.6], [1.0, 0.0]]))
+    with pytest.raises(ValueError, match=r"got 2 of 3 rows that are not; the first is row 1: \[-0.5, 1.5\] \(sum 1\)"):
+        save_corrected_labels(tmp_path / "bad.pt", torch.tensor([[0.5, 0.5], [-0.5, 1.5], [float("nan"), 1.0]]))
     with pytest.raises(ValueError, match=r"num_classes must match the 2 columns of labels, got 3"):
         save_corrected_labels(tmp_path / "bad.pt", torch.tensor([[0.5, 0.5]]), num_classes=3)
     assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 
 from lightning_noisy.data.datamodules import (
     CIFARDataModule,
+    DatasetNotFoundError,
     DigitsDataModule,
     ImageFolderCSVDataModule,
     MNIST1DDataModule,
@@ -38,6 +39,7 @@ __all__ = [
     "MNIST_ASYMMETRIC_MAP",
     "NOISE_TYPES",
     "CIFARDataModule",
+    "DatasetNotFoundError",
     "DigitsDataModule",
     "EpochShuffleSampler",
     "ImageFolderCSVDataModule",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import functools
 import math
+import os
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -42,6 +43,7 @@ from lightning_noisy.data.noise import (
 
 __all__ = [
     "CIFARDataModule",
+    "DatasetNotFoundError",
     "DigitsDataModule",
     "ImageFolderCSVDataModule",
     "MNIST1DDataModule",
@@ -476,6 +478,47 @@ def _torchvision_cifar() -> dict[str, type]:
     return {"cifar10": CIFAR10, "cifar100": CIFAR100}
 
 
+class DatasetNotFoundError(FileNotFoundError, RuntimeError):
+    """A data set's files are not on this machine (and could not be downloaded): the message says where they
+    were looked for and how to put them there."""
+
+
+# name, torchvision class, extracted folder, its files, archive it comes from
+_CIFAR_FILES: dict[str, tuple[str, str, str, str, str]] = {
+    "cifar10": (
+        "CIFAR-10", "CIFAR10", "cifar-10-batches-py", "data_batch_1..5, test_batch, batches.meta",
+        "cifar-10-python.tar.gz",
+    ),
+    "cifar100": ("CIFAR-100", "CIFAR100", "cifar-100-python", "train, test, meta", "cifar-100-python.tar.gz"),
+}
+
+
+def _cifar_not_found(dataset: str, root: str, reason: str) -> DatasetNotFoundError:
+    """The error for CIFAR files missing under ``root``: where they were looked for and how to put them there."""
+    name, cls, folder, files, archive = _CIFAR_FILES[dataset]
+    where = Path(root).expanduser().absolute()
+    return DatasetNotFoundError(
+        f"{name} is not in {where} ({reason}).\n"
+        f"Expected {where / folder}{os.sep} with {files} (torchvision's {cls} layout, extracted from"
+        f" https://www.cs.toronto.edu/~kriz/{archive}).\n"
+        "Without internet here (e.g. on a compute node), download it on a machine with internet (e.g. a login node):\n"
+        f"    python -c \"from torchvision.datasets import {cls}; {cls}({str(where)!r}, download=True)\"\n"
+        f"then copy the folder {folder} into {where} on this machine, or point root (data.root) at a directory"
+        " that holds it."
+    )
+
+
+def _cifar_n_not_found(dataset: str, noise_file: Any) -> DatasetNotFoundError:
+    name = "CIFAR-10" if dataset == "cifar10" else "CIFAR-100"
+    return DatasetNotFoundError(
+        f"noise_file {str(noise_file)!r} does not exist (looked for {Path(noise_file).absolute()}).\n"
+        f"The {name}N labels are data/{name}_human.pt of https://github.com/UCSC-REAL/cifar-10-100n;"
+        " on a machine with internet:\n"
+        f"    wget https://github.com/UCSC-REAL/cifar-10-100n/raw/main/data/{name}_human.pt\n"
+        "then copy it to this machine and pass its path as noise_file."
+    )
+
+
 class CIFARDataModule(NoisyDataModule):
     """CIFAR-10 / CIFAR-100 through torchvision, with synthetic noise or CIFAR-10N / CIFAR-100N human labels.
 
@@ -487,7 +530,9 @@ class CIFARDataModule(NoisyDataModule):
     Args:
         root: directory holding (or receiving) the torchvision files.
         dataset: ``cifar10`` or ``cifar100``.
-        download: download the files in ``prepare_data`` when missing.
+        download: download the files in ``prepare_data`` when missing. Missing files that cannot be
+            downloaded (no internet, ``download=False``) raise :class:`DatasetNotFoundError`, which says
+            where they were looked for and how to put them there.
         augment: random crop and horizontal flip for training.
         **shared: the arguments of :class:`NoisyDataModule`.
     """
@@ -521,6 +566,13 @@ class CIFARDataModule(NoisyDataModule):
             )
         return key
 
+    @override
+    def _check_noise_file(self, noise_file: Any) -> str | None:
+        if self.noise_type == "cifar_n" and isinstance(noise_file, (str, os.PathLike)):
+            if not Path(noise_file).is_file():
+                raise _cifar_n_not_found(self.dataset, noise_file)
+        return super()._check_noise_file(noise_file)
+
     @property
     @override
     def num_classes(self) -> int:
@@ -531,11 +583,19 @@ class CIFARDataModule(NoisyDataModule):
         if self.download:
             cls = self.dataset_classes()[self.dataset]
             for train in (True, False):
-                cls(self.root, train=train, download=True)
+                try:
+                    cls(self.root, train=train, download=True)
+                except (OSError, RuntimeError) as err:  # URLError, HTTPError, timeouts; torchvision's checksum error
+                    reason = f"the download failed: {type(err).__name__}: {err}"
+                    raise _cifar_not_found(self.dataset, self.root, reason) from err
 
     def _split(self, train: bool) -> tuple[Tensor, Tensor]:
         """``(images [N, 3, 32, 32] uint8, labels [N] int64)``."""
-        raw = self.dataset_classes()[self.dataset](self.root, train=train, download=False)
+        try:
+            raw = self.dataset_classes()[self.dataset](self.root, train=train, download=False)
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+            reason = "download=False" if not self.download else f"torchvision: {err}"
+            raise _cifar_not_found(self.dataset, self.root, reason) from err
         images = torch.from_numpy(np.asarray(raw.data, dtype=np.uint8)).permute(0, 3, 1, 2).contiguous()
         labels = _as_labels(torch.as_tensor(raw.targets), self.num_classes, "targets")
         return images, labels
@@ -651,6 +711,8 @@ class ImageFolderCSVDataModule(NoisyDataModule):
         tables = [self._train_table] + ([self._test_table] if self._test_table is not None else [])
         columns = [c for _, labels, clean in tables for c in (labels, clean) if c is not None]
         if num_classes is None:
+            for column in columns:  # negative labels first: an inferred count from them would only confuse
+                noise._check_label_range(column, None, "CSV labels")
             num_classes = max(int(c.max()) for c in columns) + 1
             name = "num_classes (inferred as the largest CSV label + 1)"
         else:

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from lightning_noisy.data.noise import _as_labels, _check_num_classes, _to_label_tensor
+from lightning_noisy.data.noise import _as_labels, _check_label_range, _check_num_classes, _to_label_tensor
 
 __all__ = ["NoisyLabelDataset", "TensorPairDataset"]
 
@@ -67,8 +67,16 @@ class NoisyLabelDataset(Dataset):
     def _resolve_num_classes(noisy: Tensor, clean: Tensor | None, num_classes: int | None) -> int:
         if num_classes is not None:
             return _check_num_classes(num_classes)
+        for name, labels in (("noisy_labels", noisy), ("clean_labels", clean)):
+            if labels is not None:
+                _check_label_range(labels, None, name)  # negative labels first: they say more than a bad count
         highest = max(int(labels.max()) for labels in (noisy, clean) if labels is not None)
-        return _check_num_classes(highest + 1, "num_classes (inferred as max label + 1)")
+        if highest < 1:
+            raise ValueError(
+                f"num_classes (inferred as max label + 1) must be >= 2, got {highest + 1} because every label is"
+                f" {highest}: pass num_classes"
+            )
+        return highest + 1
 
     @property
     def has_clean_labels(self) -> bool:

@@ -144,12 +144,26 @@ def _to_label_tensor(labels: Any, name: str = "labels") -> Tensor:
 def _as_labels(labels: Any, num_classes: int, name: str = "labels") -> Tensor:
     """Convert ``labels`` to a contiguous ``[N]`` int64 CPU tensor with values in ``[0, num_classes)``."""
     labels = _to_label_tensor(labels, name)
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= num_classes:
-        raise ValueError(
-            f"{name} must be in [0, {num_classes}) for num_classes={num_classes}, got values in [{low}, {high}]"
-        )
+    _check_label_range(labels, num_classes, name)
     return labels
+
+
+def _check_label_range(labels: Tensor, num_classes: int | None, name: str = "labels") -> None:
+    """Raise a ValueError naming how many of the ``[N]`` int64 ``labels`` are outside ``[0, num_classes)``
+    and the first one; with ``num_classes=None`` only negative labels are rejected."""
+    low, high = int(labels.min()), int(labels.max())
+    if low >= 0 and (num_classes is None or high < num_classes):
+        return
+    if num_classes is None:
+        bad, expected, what = labels < 0, "[0, num_classes)", "negative"
+    else:
+        bad = (labels < 0) | (labels >= num_classes)
+        expected, what = f"[0, {num_classes}) for num_classes={num_classes}", "outside it"
+    first = int(bad.to(torch.uint8).argmax())
+    raise ValueError(
+        f"{name} must be in {expected}, got values in [{low}, {high}]; {int(bad.sum())} of {labels.numel()}"
+        f" are {what}, the first at index {first} (value {int(labels[first])})"
+    )
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -482,8 +496,16 @@ def _check_soft_or_hard(labels: Any, num_classes: int | None) -> tuple[Tensor, T
     if num_classes is not None and num_classes != soft.shape[1]:
         raise ValueError(f"num_classes must match the {soft.shape[1]} columns of labels, got {num_classes!r}")
     rows = soft.double().sum(dim=1)
-    if not torch.isfinite(soft).all() or (soft < 0).any() or not torch.allclose(rows, torch.ones_like(rows), atol=1e-4):
-        raise ValueError("labels of shape [N, C] must hold probability rows (non-negative, summing to 1)")
+    bad = ~torch.isfinite(soft).all(dim=1) | (soft < 0).any(dim=1)
+    bad |= ~torch.isclose(rows, torch.ones_like(rows), atol=1e-4)
+    if bool(bad.any()):
+        row = int(bad.to(torch.uint8).argmax())
+        shown = [round(value, 6) for value in soft[row, :8].tolist()]
+        raise ValueError(
+            "labels of shape [N, C] must hold probability rows (finite, non-negative, summing to 1), got"
+            f" {int(bad.sum())} of {soft.shape[0]} rows that are not; the first is row {row}:"
+            f" {shown}{' ...' if soft.shape[1] > 8 else ''} (sum {float(rows[row]):.6g})"
+        )
     return soft.argmax(dim=1), soft.clone(), _check_num_classes(soft.shape[1])
 
 
@@ -560,8 +582,15 @@ def _read_csv(path: Path) -> np.ndarray:
     if table.shape[1] != 1:
         raise ValueError(f"path {str(path)!r} must hold one integer per line, got {table.shape[1]} columns")
     column = np.char.strip(table[:, 0])
-    if column.size == 0 or not _is_integer_text(column).all():
-        raise ValueError(f"path {str(path)!r} must hold integer labels")
+    if column.size == 0:
+        raise ValueError(f"path {str(path)!r} must hold integer labels, got a header and no labels")
+    integer = _is_integer_text(column)
+    if not integer.all():
+        first = int(np.argmin(integer))
+        raise ValueError(
+            f"path {str(path)!r} must hold integer labels, got {str(column[first])!r} as label {first}"
+            f" (counting from 0, after any header); {int((~integer).sum())} of {column.size} are not integers"
+        )
     return column.astype(np.int64)
 
 
@@ -633,7 +662,10 @@ def load_cifar_n_labels(
     num_classes = _check_num_classes(num_classes)
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"path {str(path)!r} does not exist")
+        raise FileNotFoundError(
+            f"path {str(path)!r} does not exist; the CIFAR-N label files are data/CIFAR-10_human.pt and"
+            " data/CIFAR-100_human.pt of https://github.com/UCSC-REAL/cifar-10-100n"
+        )
     payload = torch.load(path, map_location="cpu", weights_only=False)  # numpy arrays need the unpickler
     if not isinstance(payload, Mapping) or label_key not in payload:
         keys = sorted(payload) if isinstance(payload, Mapping) else type(payload).__name__
