@@ -152,7 +152,8 @@ def test_checkpoint_of_another_data_set_is_rejected(tmp_path: Path) -> None:
     model.trainer.save_checkpoint(ckpt)
     other = DataLoader(toy_dataset(n=12), batch_size=4)
     with pytest.raises(ValueError, match="num_samples=30 .* into a buffer with num_samples=12"):
-        trainer(max_epochs=2, callbacks=[LabelCorrectionCallback()]).fit(PlainClassifier(), other, ckpt_path=str(ckpt))
+        trainer(max_epochs=2, callbacks=[LabelCorrectionCallback(start_epoch=0)]).fit(
+            PlainClassifier(), other, ckpt_path=str(ckpt))
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -162,7 +163,13 @@ def test_checkpoint_of_another_data_set_is_rejected(tmp_path: Path) -> None:
     ("kwargs", "message"),
     [
         ({"num_average_epochs": 0}, "num_average_epochs must be >= 1, got 0"),
-        ({"start_epoch": 5, "stop_epoch": 3}, "stop_epoch must be after start_epoch=5, got stop_epoch=3"),
+        ({"start_epoch": 5, "stop_epoch": 3}, "stop_epoch must be an integer after start_epoch=5, got 3"),
+        ({"start_epoch": "soon"}, "start_epoch must be an integer >= 0 or 'auto', got 'soon'"),
+        ({"start_epoch": -1}, "start_epoch must be an integer >= 0 or 'auto', got -1"),
+        ({"stop_epoch": 0}, "stop_epoch must be an integer after start_epoch='auto', got 0"),
+        ({"collapse_entropy": 1.5}, r"collapse_entropy must be in \(0, 1\] \(a share of ln C\) or None, got 1.5"),
+        ({"max_skipped_epochs": 0}, "max_skipped_epochs must be an integer >= 1, got 0"),
+        ({"onset_patience": 0}, "patience must be an integer >= 1, got 0"),
         ({"prior_weight": -0.1}, "prior_weight must be >= 0, got -0.1"),
         ({"entropy_weight": -1.0}, "entropy_weight must be >= 0, got -1.0"),
         ({"update": "median"}, "update must be one of .* got 'median'"),

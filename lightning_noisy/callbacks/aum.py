@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
@@ -249,6 +250,12 @@ class AUMCallback(SampleStateCallback):
         self._epoch_count.index_add_(0, index, torch.ones_like(index))
 
     @override
+    def on_skipped_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
+        if self._epoch_sum is not None and self._epoch_count is not None:
+            self._epoch_sum.zero_()
+            self._epoch_count.zero_()
+
+    @override
     def on_epoch_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.margin_sum is not None and self.margin_count is not None
         assert self._epoch_sum is not None and self._epoch_count is not None
@@ -256,8 +263,15 @@ class AUMCallback(SampleStateCallback):
         # one sum over the ranks per epoch: this rank's rows (all of them unless sharded)
         total = sum_to_owners(self._epoch_sum, layout, device)
         counts = sum_to_owners(self._epoch_count, layout, device)
-        index = torch.nonzero(counts > 0).flatten()
-        if self.sum_over_shards(trainer, layout, torch.tensor([index.numel()]))[0] == 0:
+        finite = torch.isfinite(total)
+        index = torch.nonzero((counts > 0) & finite).flatten()
+        seen, dropped = self.sum_over_shards(trainer, layout, torch.tensor([index.numel(), int((~finite).sum())]))
+        if int(dropped):  # a NaN or inf margin: the sample keeps its sum and count of the epochs before
+            rank_zero_warn(f"AUMCallback: {int(dropped)} sample(s) had non-finite margins in epoch "
+                           f"{trainer.current_epoch}; their AUM keeps its previous value")
+        if int(seen) == 0:
+            self._epoch_sum.zero_()
+            self._epoch_count.zero_()
             return
         self.margin_sum.write(index.cpu() + layout.start, total[index].double().cpu(), mode="add")
         self.margin_count.write(index.cpu() + layout.start, counts[index].cpu(), mode="add")

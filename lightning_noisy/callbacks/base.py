@@ -12,11 +12,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from typing_extensions import override
 
+from lightning_noisy.callbacks.guard import EpochVerdict, PredictionHealth
 from lightning_noisy.state import BatchContract, SampleBuffer, SampleHistory, StepContext
 from lightning_noisy.state.checkpoint import LocalRecords, LocalRows, read_local_records, read_local_rows
 from lightning_noisy.state.gather import is_distributed
@@ -97,6 +98,22 @@ def train_eval_loader(trainer: pl.Trainer, user: str, batch_size: int | None = N
                       collate_fn=getattr(loader, "collate_fn", None))
 
 
+def log_epoch(pl_module: pl.LightningModule, name: str, value: Tensor | float, batch_size: int = 1,
+              **kwargs: Any) -> None:
+    """Log a tensor or number for the epoch as Lightning documents it under DDP: ``sync_dist=True``.
+
+    The epoch value is the ``batch_size``-weighted mean over every rank's calls: for a per-step value (a
+    training loss) the mean over all ranks' samples, for a value every rank holds alike (logged once per epoch,
+    ``batch_size=1``) that value unchanged, at the cost of a few scalar collectives per name at the epoch's
+    end, and no warning. ``batch_size`` is explicit, so Lightning never infers it from the batch; under DDP a
+    tensor moves to the module's device, where the strategy's all-reduce runs (NCCL reduces CUDA tensors only).
+    Every rank must log the same names in the same order in an epoch. ``kwargs`` go to ``LightningModule.log``.
+    """
+    if isinstance(value, Tensor) and is_distributed():
+        value = value.to(pl_module.device)
+    pl_module.log(name, value, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True, **kwargs)
+
+
 class _RankBatches(Sampler[list[int]]):
     """The batches ``i`` of ``batches`` with ``i % world_size == rank``, drawn in order."""
 
@@ -163,6 +180,13 @@ class SampleStateCallback(Callback):
     training batch of the epoch, so it is done before validation and before any checkpoint of that epoch
     is written, and resuming from an epoch-boundary checkpoint continues as the uninterrupted run would.
 
+    Nothing non-finite is written: a recorder leaves out the samples whose records are NaN or infinite (they keep
+    their previous values, and the callback warns with the count). An epoch whose every training prediction is
+    non-finite, or (with :attr:`collapse_entropy`) one whose predictions have become near uniform after the
+    network had learned something, is skipped: :meth:`on_skipped_epoch` runs instead of
+    :meth:`on_epoch_boundary`, the epoch's records are dropped, and after :attr:`max_skipped_epochs` such epochs
+    in a row the fit stops with an error that names the cause. The state kept is the last good one.
+
     A subclass that shards its state builds its buffers on :meth:`row_layout`: under DDP each rank then
     holds only its block of rows. A checkpoint gathers the blocks on rank 0 (each block sent once), or with
     :class:`~lightning_noisy.strategies.ShardedStateDDPStrategy` each rank writes its own block with
@@ -174,6 +198,11 @@ class SampleStateCallback(Callback):
     """
 
     require_logits: bool = True
+    #: skip an epoch whose mean prediction entropy is at least this share of ``ln C`` once the network has had
+    #: a less uniform epoch (a collapse, e.g. a diverged learning rate); ``None`` checks non-finite epochs only
+    collapse_entropy: float | None = None
+    #: skipped epochs in a row after which the fit stops with an error
+    max_skipped_epochs: int = 5
 
     def __init__(self, key: str | None = None, state_options: StateOptions | None = None) -> None:
         self.key = key
@@ -187,6 +216,9 @@ class SampleStateCallback(Callback):
         self._loaded_state: dict[str, Any] | None = None
         self._said_no_clean = False
         self._rows_to_strategy = False  # whether the strategy writes sharded rows itself (no gather)
+        self._health = PredictionHealth()
+        self._has_learned = False  # whether an epoch had predictions below collapse_entropy
+        self.skipped_epochs = 0  # skipped epochs in a row
 
     @property
     @override
@@ -246,12 +278,17 @@ class SampleStateCallback(Callback):
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`extra_state_dict`."""
 
+    def on_skipped_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
+        """Called instead of :meth:`on_epoch_boundary` on an epoch unfit to write state (its records are already
+        dropped): reset per-epoch accumulators here. Every rank calls it."""
+
     # -- shared helpers ----------------------------------------------------------------------
     @staticmethod
     def log_epoch_metrics(pl_module: pl.LightningModule, metrics: dict[str, Tensor]) -> None:
-        """Log values that are already identical on every rank (no sync) once for the epoch."""
+        """Log values that are already identical on every rank once for the epoch (:func:`log_epoch`: the
+        all-reduce of ``sync_dist`` leaves them unchanged; every rank logs the same names)."""
         for name, value in metrics.items():
-            pl_module.log(name, value, on_step=False, on_epoch=True, batch_size=1)
+            log_epoch(pl_module, name, value)
 
     def row_layout(self, trainer: pl.Trainer, num_samples: int) -> RowLayout:
         """This rank's block of the ``num_samples`` rows: a ``1 / W`` block when the state is sharded, else all."""
@@ -369,6 +406,8 @@ class SampleStateCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.context is not None and self.context.batch is batch:
+            if self.context.logits is not None:
+                self._health.add(self.context.logits)
             self.on_batch(trainer, pl_module, self.context)
         if is_last_batch(trainer, batch_idx):
             self._finish_epoch(trainer, pl_module)
@@ -381,14 +420,62 @@ class SampleStateCallback(Callback):
         if self._finished_epoch == trainer.current_epoch:
             return
         self._finished_epoch = trainer.current_epoch
-        self.on_epoch_boundary(trainer, pl_module)
+        verdict = self._health.conclude(trainer.strategy.root_device, trainer.world_size > 1 and is_distributed())
+        reason = self._unfit_reason(verdict)
+        recorders = [recorder for recorder in self.sample_recorders().values() if recorder is not None]
+        if reason is None:
+            self.skipped_epochs = 0
+            self.on_epoch_boundary(trainer, pl_module)
+            dropped = sum(recorder.non_finite_rows for recorder in recorders)
+            for recorder in recorders:
+                recorder.non_finite_rows = 0
+            if dropped:
+                rank_zero_warn(
+                    f"{type(self).__name__}: {dropped} sample(s) had non-finite values (NaN or inf) in epoch "
+                    f"{trainer.current_epoch}; their rows keep their previous values"
+                )
+            return
+        for recorder in recorders:
+            recorder.clear()
+        self.skipped_epochs += 1
+        self.log_epoch_metrics(pl_module, {"noisy/skipped_epoch": torch.tensor(1.0)})
+        rank_zero_warn(
+            f"{type(self).__name__}: epoch {trainer.current_epoch} leaves the per-sample state as it was: {reason} "
+            f"({self.skipped_epochs} such epoch(s) in a row)"
+        )
+        self.on_skipped_epoch(trainer, pl_module, reason)
+        if self.skipped_epochs >= self.max_skipped_epochs:
+            raise RuntimeError(
+                f"{type(self).__name__}: stopping the fit after {self.skipped_epochs} epochs in a row in which {reason}. "
+                "The per-sample state kept is that of the last good epoch. Lower the learning rate, check the inputs "
+                "for NaN or inf, or clip the gradients."
+            )
+
+    def _unfit_reason(self, verdict: EpochVerdict) -> str | None:
+        """Why an epoch with ``verdict`` must not write per-sample state, or ``None`` when it may."""
+        if verdict.all_non_finite:
+            return f"every one of the {verdict.rows} training predictions was non-finite (NaN or inf)"
+        if self.collapse_entropy is None or verdict.rows == verdict.non_finite_rows:
+            return None
+        if not verdict.near_uniform(self.collapse_entropy):
+            self._has_learned = True
+            return None
+        if not self._has_learned:
+            return None  # a network that has not learned yet (its first epochs), not one that collapsed
+        return (
+            f"the network has collapsed: its predictions are near uniform (mean entropy {verdict.mean_entropy:.3f} "
+            f"of ln C, collapse_entropy={self.collapse_entropy}), as after a diverged learning rate"
+        )
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"finished_epoch": self._finished_epoch, **self.sample_state_dict()}
+        return {"finished_epoch": self._finished_epoch, "skipped_epochs": self.skipped_epochs,
+                "has_learned": self._has_learned, **self.sample_state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
         self._finished_epoch = int(state.pop("finished_epoch", -1))
+        self.skipped_epochs = int(state.pop("skipped_epochs", 0))
+        self._has_learned = bool(state.pop("has_learned", False))
         self._loaded_state = state

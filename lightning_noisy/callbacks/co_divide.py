@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -228,7 +229,7 @@ def per_sample_cross_entropy(
         RuntimeError: the pass did not cover the ``num_samples`` samples exactly once.
     """
     device = torch.device(device)
-    recorder = SampleRecorder((), torch.float32)
+    recorder = SampleRecorder((), torch.float32, drop_non_finite=False)  # every sample once, NaN included
     pending: list[tuple[Tensor, Tensor, Tensor]] = []  # (logits, labels, index) of batches not yet scored
     pending_rows = 0
 
@@ -467,6 +468,14 @@ class CoDivideCallback(SampleStateCallback):
         self.last_losses = losses
         rows, device = self._probability.index, trainer.strategy.root_device
         sharded = self._sharded and trainer.world_size > 1
+        non_finite = torch.tensor([int((~torch.isfinite(losses)).sum())])
+        non_finite = int(self.sum_over_shards(trainer, self._probability.layout, non_finite)[0]) if sharded else int(non_finite[0])
+        if non_finite:  # a mixture fit on them would be meaningless: every row keeps its division
+            rank_zero_warn(
+                f"CoDivideCallback: {non_finite} sample(s) had a non-finite loss (NaN or inf) in epoch "
+                f"{trainer.current_epoch}; the division and loss history keep their previous values"
+            )
+            return self._probability.values
         normalised = normalise_losses_sharded(losses, device) if sharded else normalise_losses(losses)
         self._history.append(rows, normalised)
         averaged = self._history.mean() if self.num_average > 1 else normalised
@@ -498,7 +507,8 @@ class CoDivideCallback(SampleStateCallback):
         if trainer.current_epoch < self.start_epoch:
             return
         self.divide(trainer, pl_module)
-        self._log(trainer, pl_module)
+        if self.ready:  # (a first division can be skipped for non-finite losses)
+            self._log(trainer, pl_module)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.training_labels is not None

@@ -172,6 +172,10 @@ class ELRCallback(SampleStateCallback):
         self._batch_targets = None
 
     @override
+    def on_skipped_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
+        self._term_sum = None
+
+    @override
     def on_epoch_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._targets is not None and self._recorder is not None and self.training_labels is not None
         targets = self._targets

@@ -408,9 +408,12 @@ class ForwardCorrectionCallback(SampleStateCallback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.mode == "estimate" and self._transition is None:
+            when = (f"before estimate_epoch={self.estimate_epoch}" if trainer.current_epoch <= self.estimate_epoch else
+                    f"and every epoch from estimate_epoch={self.estimate_epoch} on was unfit to estimate from (non-finite "
+                    "or collapsed predictions)")
             rank_zero_warn(
-                f"ForwardCorrectionCallback: training ended after {trainer.current_epoch} epoch(s), before "
-                f"estimate_epoch={self.estimate_epoch}, so no transition matrix was estimated and no step was corrected"
+                f"ForwardCorrectionCallback: training ended after {trainer.current_epoch} epoch(s), {when}, so no "
+                "transition matrix was estimated and no step was corrected"
             )
 
     def _write_matrices(self, trainer: pl.Trainer) -> None:

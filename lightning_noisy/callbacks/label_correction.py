@@ -7,11 +7,13 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels, log_histogram
+from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels, log_epoch, log_histogram
+from lightning_noisy.callbacks.onset import MemorisationOnset, prediction_changes
 from lightning_noisy.data.noise import save_corrected_labels
 from lightning_noisy.losses.regularizers import entropy_loss, prior_loss
 from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder, SampleRunningMean, StepContext
@@ -22,13 +24,14 @@ from lightning_noisy.state.sharded import gather_rows, gather_scalars
 from lightning_noisy.state.storage import StateOptions, StorageDtype
 
 HistoryForm = Literal["ring", "running"]
+StartEpoch = int | Literal["auto"]
 
 
 class LabelCorrectionCallback(SampleStateCallback):
     """Corrects the training labels from the network's own predictions (Tanaka et al., CVPR 2018).
 
     Each training step, the softmax of the step's logits is recorded per sample. At the end of every
-    epoch from ``start_epoch`` on (and before ``stop_epoch``), the labels are replaced by the mean
+    epoch from the start epoch on (and before ``stop_epoch``), the labels are replaced by the mean
     prediction of each sample's last ``num_average_epochs`` epochs (``"soft"``, Eq. 9), by its arg max
     (``"hard"``, Eq. 8), or only the ``top_k`` most disagreeing hard labels change (``"hard_topk"``).
     The module's ``training_step`` then receives the corrected labels as its targets: soft labels
@@ -38,16 +41,25 @@ class LabelCorrectionCallback(SampleStateCallback):
     With ``prior_weight`` (alpha) and ``entropy_weight`` (beta) the paper's ``alpha * L_p + beta * L_e``
     is added to the module's loss before ``stop_epoch``, for an unmodified module.
 
+    With ``start_epoch="auto"`` (the default) the callback starts on its own, once the network has fitted
+    the patterns most samples share and before it memorises the mislabelled ones: at the first minimum of
+    the share of training samples whose predicted class changes from one epoch to the next (Yuan et al.,
+    ICLR 2024, "Label Wave"; see :class:`~lightning_noisy.callbacks.onset.MemorisationOnset`). That share
+    is logged as ``noisy/prediction_changes``, ``noisy/label_updates_started`` turns from 0 to 1 at the
+    start, and the log says why it started then. Epochs whose predictions are all non-finite, or near
+    uniform after a collapse, update nothing (see :class:`SampleStateCallback`).
+
     Args:
         update: label-update rule: ``"soft"``, ``"hard"`` or ``"hard_topk"``.
         num_average_epochs: ``K``, epochs of predictions averaged per sample (paper: 10).
-        start_epoch: first epoch (0-based) at whose end the labels are updated (paper, CIFAR-10: 70).
+        start_epoch: first epoch (0-based) at whose end the labels are updated (paper, CIFAR-10: 70), or
+            ``"auto"``: the epoch at which the memorisation of noisy labels sets in, found as above.
         stop_epoch: epoch from which labels stay as they are and the added loss terms stop (the start of
             step 2); ``None`` never stops.
         top_k: labels changed per update by ``"hard_topk"``.
         frozen: start with the labels frozen (served but never updated); see :meth:`freeze`.
-        prior_weight: alpha of the prior term ``L_p`` (paper: 1.2 for CIFAR-10); 0 disables it.
-        entropy_weight: beta of the entropy term ``L_e`` (paper: 0.8 for CIFAR-10); 0 disables it.
+        prior_weight: alpha of the prior term ``L_p`` (paper: 1.2 for CIFAR-10, the default); 0 disables it.
+        entropy_weight: beta of the entropy term ``L_e`` (paper: 0.8 for CIFAR-10, the default); 0 disables it.
         prior: the class prior ``p`` of ``L_p`` (``C`` values summing to 1); uniform when ``None``.
         shard_state: each DDP rank keeps only its block of about ``N / W`` label and history rows and
             fetches the rows its batches need from their owners; ``None`` shards whenever the world size is
@@ -62,6 +74,11 @@ class LabelCorrectionCallback(SampleStateCallback):
             exactly the paper's ``K`` epochs; each later epoch moves the mean by ``1 / K`` of its
             difference (an exponential moving average) instead of dropping the oldest epoch.
         fetch_window: batches whose label rows a sharded state fetches in one collective.
+        onset_window: with ``"auto"``, epochs over which the prediction changes are averaged.
+        onset_patience: with ``"auto"``, epochs without a new minimum of the average before the start.
+        collapse_entropy: skip the label update of an epoch whose mean prediction entropy is at least this
+            share of ``ln C`` after the network had learned (a collapse); ``None`` disables the check.
+        max_skipped_epochs: skipped epochs in a row after which the fit stops with an error.
         key: distinguishes two instances in one checkpoint.
     """
 
@@ -69,18 +86,22 @@ class LabelCorrectionCallback(SampleStateCallback):
         self,
         update: UpdateRule = "soft",
         num_average_epochs: int = 10,
-        start_epoch: int = 0,
+        start_epoch: StartEpoch = "auto",
         stop_epoch: int | None = None,
         top_k: int = 50,
         frozen: bool = False,
-        prior_weight: float = 0.0,
-        entropy_weight: float = 0.0,
+        prior_weight: float = 1.2,
+        entropy_weight: float = 0.8,
         prior: list[float] | None = None,
         shard_state: bool | None = None,
         storage_dtype: StorageDtype = "float32",
         storage_topk: int | None = None,
         history: HistoryForm = "ring",
         fetch_window: int = 16,
+        onset_window: int = 3,
+        onset_patience: int = 3,
+        collapse_entropy: float | None = 0.99,
+        max_skipped_epochs: int = 5,
         key: str | None = None,
     ) -> None:
         super().__init__(key=key, state_options=StateOptions(shard_state, storage_dtype, storage_topk))
@@ -88,10 +109,16 @@ class LabelCorrectionCallback(SampleStateCallback):
             raise ValueError(f"update must be one of {UPDATE_RULES}, got {update!r}")
         if int(num_average_epochs) < 1:
             raise ValueError(f"num_average_epochs must be >= 1, got {num_average_epochs}")
-        if int(start_epoch) < 0:
-            raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
-        if stop_epoch is not None and int(stop_epoch) <= int(start_epoch):
-            raise ValueError(f"stop_epoch must be after start_epoch={start_epoch}, got stop_epoch={stop_epoch}")
+        auto = start_epoch == "auto"
+        if not auto and (isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0):
+            raise ValueError(f"start_epoch must be an integer >= 0 or 'auto', got {start_epoch!r}")
+        if stop_epoch is not None and (isinstance(stop_epoch, bool) or not isinstance(stop_epoch, int)
+                                       or stop_epoch <= (0 if auto else start_epoch)):
+            raise ValueError(f"stop_epoch must be an integer after start_epoch={start_epoch!r}, got {stop_epoch!r}")
+        if collapse_entropy is not None and not 0.0 < float(collapse_entropy) <= 1.0:
+            raise ValueError(f"collapse_entropy must be in (0, 1] (a share of ln C) or None, got {collapse_entropy!r}")
+        if isinstance(max_skipped_epochs, bool) or not isinstance(max_skipped_epochs, int) or max_skipped_epochs < 1:
+            raise ValueError(f"max_skipped_epochs must be an integer >= 1, got {max_skipped_epochs!r}")
         if int(top_k) < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         for name, weight in (("prior_weight", prior_weight), ("entropy_weight", entropy_weight)):
@@ -106,9 +133,12 @@ class LabelCorrectionCallback(SampleStateCallback):
             self.prior.ndim != 1 or bool((self.prior < 0).any()) or abs(float(self.prior.sum()) - 1.0) > 1e-4
         ):
             raise ValueError(f"prior must be a list of non-negative class probabilities summing to 1, got {prior}")
+        self.onset = MemorisationOnset(onset_window, onset_patience) if auto else None
+        self.collapse_entropy = None if collapse_entropy is None else float(collapse_entropy)
+        self.max_skipped_epochs = max_skipped_epochs
         self.update = update
         self.num_average_epochs = int(num_average_epochs)
-        self.start_epoch = int(start_epoch)
+        self.start_epoch: StartEpoch = "auto" if auto else int(start_epoch)
         self.stop_epoch = None if stop_epoch is None else int(stop_epoch)
         self.top_k = int(top_k)
         self.frozen = bool(frozen)
@@ -117,6 +147,7 @@ class LabelCorrectionCallback(SampleStateCallback):
         self.fetch_window = fetch_window
         self.history = history
         self._labels: SampleBuffer | None = None
+        self._predicted: SampleBuffer | None = None  # last epoch's predicted class per sample ("auto" only)
         self._history: SampleHistory | SampleRunningMean | None = None
         self._recorder: SampleRecorder | None = None
         self._fetcher: RowFetcher | None = None
@@ -153,6 +184,14 @@ class LabelCorrectionCallback(SampleStateCallback):
         """How many label updates have been applied."""
         return self._num_updates
 
+    @property
+    def resolved_start_epoch(self) -> int | None:
+        """The first epoch of label updates: ``start_epoch``, or the epoch ``"auto"`` found (``None`` until then)."""
+        if self.onset is None:
+            assert isinstance(self.start_epoch, int)
+            return self.start_epoch
+        return self.onset.onset_epoch
+
     def freeze(self) -> None:
         """Stop updating the labels; they keep being served to the module."""
         self.frozen = True
@@ -173,12 +212,14 @@ class LabelCorrectionCallback(SampleStateCallback):
 
     # -- state -----------------------------------------------------------------------------------
     def _recording(self, epoch: int) -> bool:
-        if self.history == "running" and epoch < self.start_epoch - self.num_average_epochs + 1:
-            return False  # the running mean starts K epochs before the first update
+        start = self.resolved_start_epoch
+        if self.history == "running" and self.onset is None and epoch < start - self.num_average_epochs + 1:
+            return False  # the running mean starts K epochs before the first update (with "auto": from the start)
         return not self.frozen and (self.stop_epoch is None or epoch < self.stop_epoch)
 
     def _updating(self, epoch: int) -> bool:
-        return self._recording(epoch) and epoch >= self.start_epoch
+        start = self.resolved_start_epoch
+        return self._recording(epoch) and start is not None and epoch >= start
 
     @override
     def allocate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, labels: TrainingLabels) -> None:
@@ -193,6 +234,8 @@ class LabelCorrectionCallback(SampleStateCallback):
         self._history = history(n, self.num_average_epochs, (c,), options.dtype, layout=layout, topk=topk)
         self._recorder = SampleRecorder((c,), options.dtype, topk)  # records in the stored form
         self._fetcher = RowFetcher(self._labels, self.fetch_window, trainer.strategy.root_device)
+        if self.onset is not None:
+            self._predicted = SampleBuffer(n, (), torch.int64, fill=-1, layout=layout)
         if self.prior_weight > 0 or self.entropy_weight > 0:
             assert self.contract is not None
             self.contract.add_loss_term(self, "joint_optimization", self._loss_terms)
@@ -201,7 +244,10 @@ class LabelCorrectionCallback(SampleStateCallback):
     def sample_buffers(self) -> dict[str, SampleBuffer | SampleHistory | SampleRunningMean]:
         if self._labels is None or self._history is None:
             return {}
-        return {"labels": self._labels, "history": self._history}
+        buffers = {"labels": self._labels, "history": self._history}
+        if self._predicted is not None:
+            buffers["predicted_class"] = self._predicted
+        return buffers
 
     @override
     def sample_recorders(self) -> dict[str, SampleRecorder | None]:
@@ -209,12 +255,25 @@ class LabelCorrectionCallback(SampleStateCallback):
 
     @override
     def extra_state_dict(self) -> dict[str, Any]:
-        return {"num_updates": self._num_updates, "frozen": self.frozen}
+        extra: dict[str, Any] = {"num_updates": self._num_updates, "frozen": self.frozen}
+        if self.onset is not None:
+            extra["onset"] = self.onset.state_dict()
+        return extra
+
+    @override
+    def load_sample_state_dict(self, state: dict[str, Any], checkpoint_path: str | None = None) -> None:
+        if state and (self.onset is None) != ("onset" not in state["extra"]):
+            saved = "'auto'" if "onset" in state["extra"] else "an integer"
+            raise ValueError(f"LabelCorrectionCallback: the checkpoint was written with start_epoch={saved}, this "
+                             f"callback has start_epoch={self.start_epoch!r}")
+        super().load_sample_state_dict(state, checkpoint_path)
 
     @override
     def load_extra_state_dict(self, state: dict[str, Any]) -> None:
         self._num_updates = int(state["num_updates"])
         self.frozen = bool(state["frozen"])
+        if self.onset is not None:
+            self.onset.load_state_dict(state["onset"])
 
     # -- per step --------------------------------------------------------------------------------
     def _loss_terms(self, context: StepContext) -> Tensor | None:
@@ -257,7 +316,7 @@ class LabelCorrectionCallback(SampleStateCallback):
         if context.logits is None:
             raise RuntimeError("LabelCorrectionCallback found no logits for this step")
         for name, value in context.loss_terms.items():
-            pl_module.log(f"noisy/{name}_loss", value, on_step=False, on_epoch=True, batch_size=context.batch_size)
+            log_epoch(pl_module, f"noisy/{name}_loss", value, batch_size=context.batch_size)
         if self._recording(trainer.current_epoch):
             assert self._recorder is not None
             self._recorder.add(context.index, torch.softmax(context.logits.detach().float(), dim=1))
@@ -270,11 +329,28 @@ class LabelCorrectionCallback(SampleStateCallback):
             device = trainer.strategy.root_device
             index, probs, _ = self._recorder.gather_parts(device, reduction="mean", layout=self._labels.layout)
             self._history.append_parts(index, probs)
+            if self.onset is not None:
+                self._find_onset(trainer, pl_module, index, self._recorder.codec.decode(probs).argmax(1))
             del index, probs
             if self._updating(epoch):
                 self._update_labels(device)
                 self._num_updates += 1
         self._log_epoch(trainer, pl_module)
+
+    def _find_onset(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: Tensor, predicted: Tensor) -> None:
+        """Compare this epoch's predicted classes with the last epoch's and feed the share changed to the onset."""
+        assert self.onset is not None and self._predicted is not None and self._labels is not None
+        changed, compared = prediction_changes(self._predicted.read(index), predicted)
+        self._predicted.write(index, predicted)
+        changed, compared = (int(v) for v in self.sum_over_shards(
+            trainer, self._labels.layout, torch.tensor([changed, compared], dtype=torch.float64)))
+        if compared == 0:
+            return
+        share = changed / compared
+        self.log_epoch_metrics(pl_module, {"noisy/prediction_changes": torch.tensor(share)})
+        if self.onset.observe(trainer.current_epoch, share):
+            rank_zero_info(f"LabelCorrectionCallback: label updates start at epoch {self.onset.onset_epoch}: "
+                           f"{self.onset.reason()} (the onset of memorisation, Yuan et al. ICLR 2024)")
 
     def _update_labels(self, device: torch.device) -> None:
         """New labels of the rows held from their K-epoch mean predictions, a block of rows at a time."""
@@ -320,7 +396,8 @@ class LabelCorrectionCallback(SampleStateCallback):
             confidence.append(rows.max(1).values)
         sums = self.sum_over_shards(trainer, given.layout, sums)
         n = labels.num_samples
-        metrics = {"noisy/changed_frac": (sums[0] / n).float(), "noisy/label_entropy": (sums[2] / n).float()}
+        metrics = {"noisy/changed_frac": (sums[0] / n).float(), "noisy/label_entropy": (sums[2] / n).float(),
+                   "noisy/label_updates_started": torch.tensor(float(self._num_updates > 0))}
         if labels.clean is not None:
             metrics["noisy/recovery_acc"] = (sums[1] / n).float()
         self.log_epoch_metrics(pl_module, metrics)

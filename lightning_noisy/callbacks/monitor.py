@@ -59,7 +59,7 @@ class NoisyLabelMonitor(SampleStateCallback):
         self._loss = SampleRecorder((), self.state_options.dtype)
         self._prediction = SampleRecorder((), torch.long)
         self.predictions = SampleBuffer(labels.num_samples, (), torch.long, fill=-1, layout=layout)
-        self.losses = SampleBuffer(labels.num_samples, (), self.state_options.dtype, fill=float("nan"), layout=layout)
+        self.losses = SampleBuffer(labels.num_samples, (), self.state_options.dtype, fill=0.0, layout=layout)
 
     @override
     def on_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:
@@ -74,10 +74,11 @@ class NoisyLabelMonitor(SampleStateCallback):
         assert self._loss is not None and self._prediction is not None
         assert self.predictions is not None and self.losses is not None and self.training_labels is not None
         device, layout = trainer.strategy.root_device, self.losses.layout
-        index, loss, _ = self._loss.gather(device, reduction="mean", layout=layout)
-        self.losses.write(index, loss)
+        loss_index, loss, _ = self._loss.gather(device, reduction="mean", layout=layout)
+        self.losses.write(loss_index, loss)
         index, prediction, _ = self._prediction.gather(device, reduction="first", layout=layout)
-        self.predictions.write(index, prediction)
+        finite = torch.isin(index, loss_index)  # a sample whose loss was non-finite keeps its last prediction too
+        self.predictions.write(index[finite], prediction[finite])
         labels, rows = self.training_labels, self.losses.index
         seen, losses = self.predictions.visited, self.losses.values
         if labels.clean is not None:

@@ -12,6 +12,7 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lightning_noisy.callbacks.base import log_epoch
 from lightning_noisy.losses import get_loss
 from lightning_noisy.losses.mixup import mixup_batch
 from lightning_noisy.models import build_backbone
@@ -165,8 +166,8 @@ class HeldOutAccuracy(pl.LightningModule):
         self.val_accuracy.reset()
         if not self.trainer.sanity_checking:
             self.best_acc = torch.maximum(self.best_acc, acc.to(self.best_acc))
-        self.log("test/acc", acc, prog_bar=True)
-        self.log("test/acc_best", self.best_acc)
+        log_epoch(self, "test/acc", acc, prog_bar=True)  # the same on every rank (the metric synced)
+        log_epoch(self, "test/acc_best", self.best_acc)
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
@@ -258,7 +259,7 @@ class NoisyClassifier(HeldOutAccuracy):
             x, y, _ = mixup_batch(x, y, self.num_classes, self.hparams.mixup_alpha)
         logits = self(x)
         loss = self.compute_loss(logits, y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        log_epoch(self, "train/loss", loss, batch_size=x.shape[0], prog_bar=True)
         return {"loss": loss, "logits": logits}
 
     @override

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_noisy.callbacks.base import find_training_labels
+from lightning_noisy.callbacks.base import find_training_labels, log_epoch
 from lightning_noisy.losses._targets import check_finite_positive
 from lightning_noisy.methods.classifier import (
     OptimizerName,
@@ -295,10 +295,9 @@ class CoTeaching(pl.LightningModule):
             optimizer_a.step()
             optimizer_b.step()
         batch_size = int(x.shape[0])
-        self.log("train/loss_a", loss_a.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
-        self.log("train/loss_b", loss_b.detach(), on_step=False, on_epoch=True, batch_size=batch_size)
-        self.log("train/forget_rate", self.forget_rate_at(self.current_epoch), on_step=False, on_epoch=True,
-                 batch_size=batch_size)
+        log_epoch(self, "train/loss_a", loss_a.detach(), batch_size=batch_size, prog_bar=True)
+        log_epoch(self, "train/loss_b", loss_b.detach(), batch_size=batch_size)
+        log_epoch(self, "train/forget_rate", self.forget_rate_at(self.current_epoch), batch_size=batch_size)
         return {"loss": (loss_a + loss_b).detach(), "logits": logits_a.detach()}
 
     @override
@@ -325,10 +324,10 @@ class CoTeaching(pl.LightningModule):
         acc = accuracies[self.hparams.evaluate]
         if not self.trainer.sanity_checking:
             self.best_acc = torch.maximum(self.best_acc, acc.to(self.best_acc))
-        self.log("test/acc", acc, prog_bar=True)
+        log_epoch(self, "test/acc", acc, prog_bar=True)  # the same on every rank (the metrics synced)
         for name, value in accuracies.items():
-            self.log(f"test/acc_{name}", value)
-        self.log("test/acc_best", self.best_acc)
+            log_epoch(self, f"test/acc_{name}", value)
+        log_epoch(self, "test/acc_best", self.best_acc)
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> None:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, default_collate
 from typing_extensions import override
 
 from lightning_noisy.augment import default_augment, step_generator
-from lightning_noisy.callbacks.base import find_training_labels, train_eval_loader, training_dataset
+from lightning_noisy.callbacks.base import find_training_labels, log_epoch, train_eval_loader, training_dataset
 from lightning_noisy.callbacks.co_divide import (
     DEFAULT_MAX_FIT_SAMPLES,
     check_max_fit_samples,
@@ -441,14 +441,14 @@ class DivideMix(HeldOutAccuracy):
             pools.append(torch.nonzero(peer_prob <= threshold).flatten().cpu())
         self._labelled_orders, self._unlabelled_pools = (orders[0], orders[1]), (pools[0], pools[1])
         fraction = ((self.prob_a > threshold).float().mean() + (self.prob_b > threshold).float().mean()) / 2
-        self.log("codivide/labelled_fraction", fraction)
+        log_epoch(self, "codivide/labelled_fraction", fraction)
         if self._is_clean is not None and self._is_clean.any() and not self._is_clean.all():
             from lightning_noisy.metrics.selection import selection_scores
 
             clean = self._is_clean.cpu()
             for key, prob in (("noisy/codivide_auroc", self.prob_a), ("noisy/codivide_auroc_b", self.prob_b)):
                 scores = selection_scores(prob.cpu().float(), prob.cpu() > threshold, clean, positive="clean")
-                self.log(key, scores["auroc"])
+                log_epoch(self, key, scores["auroc"])
 
     @override
     def on_train_epoch_start(self) -> None:
@@ -615,9 +615,8 @@ class DivideMix(HeldOutAccuracy):
         batch_size = int(x.shape[0])
         for key, loss, step in (("train/loss_a", loss_a, trains[0]), ("train/loss_b", loss_b, trains[1])):
             if step:  # the mean over the steps that trained the network
-                self.log(key, loss.detach(), on_step=False, on_epoch=True, prog_bar=key == "train/loss_a",
-                         batch_size=batch_size)
-        self.log("train/lambda_u", lambda_u, on_step=False, on_epoch=True, batch_size=batch_size)
+                log_epoch(self, key, loss.detach(), batch_size=batch_size, prog_bar=key == "train/loss_a")
+        log_epoch(self, "train/lambda_u", lambda_u, batch_size=batch_size)
         out = {"loss": (loss_a + loss_b).detach()}
         return out if logits_a is None else {**out, "logits": logits_a}
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_noisy import augment
-from lightning_noisy.callbacks.base import TrainingLabels
+from lightning_noisy.callbacks.base import TrainingLabels, log_epoch
 from lightning_noisy.callbacks.elr import ELRCallback, clamped_probabilities, elr_term, ensemble_targets
 from lightning_noisy.losses._targets import check_finite_non_negative
 from lightning_noisy.methods.classifier import (
@@ -261,9 +261,8 @@ class ELRPlus(HeldOutAccuracy):
         self.optimiser_steps += 1
         size = int(x.shape[0])
         for name, loss, term in zip("ab", losses, terms):
-            self.log(f"train/loss_{name}", loss.detach(), on_step=False, on_epoch=True, prog_bar=name == "a",
-                     batch_size=size)
-            self.log(f"train/elr_{name}", term, on_step=False, on_epoch=True, batch_size=size)
+            log_epoch(self, f"train/loss_{name}", loss.detach(), batch_size=size, prog_bar=name == "a")
+            log_epoch(self, f"train/elr_{name}", term, batch_size=size)
         return {"loss": (losses[0] + losses[1]).detach()}
 
     @override

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_noisy.callbacks.base import log_epoch
 from lightning_noisy.losses._targets import check_finite_non_negative
 from lightning_noisy.methods.classifier import NoisyClassifier, split_batch
 
@@ -190,10 +191,11 @@ class FeatureMixup(NoisyClassifier):
         x, y = split_batch(batch)
         out = self.feature_mixup_loss(x, y, self.pair_generator(self.global_step))
         batch_size = int(x.shape[0])
-        self.log("train/loss", out["loss"], on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
-        self.log("train/loss_ce", out["loss_ce"], on_step=False, on_epoch=True, batch_size=batch_size)
-        self.log("train/loss_mix", out["loss_mix"], on_step=False, on_epoch=True, batch_size=batch_size)
-        if out["weights_within"].numel() > 0:
-            self.log("train/attention_within", out["weights_within"][:, 0].detach().mean(), on_step=False,
-                     on_epoch=True, batch_size=batch_size)
+        log_epoch(self, "train/loss", out["loss"], batch_size=batch_size, prog_bar=True)
+        log_epoch(self, "train/loss_ce", out["loss_ce"], batch_size=batch_size)
+        log_epoch(self, "train/loss_mix", out["loss_mix"], batch_size=batch_size)
+        # logged every step, so every rank reduces the same names; a batch without within-group pairs weighs 0
+        within = out["weights_within"][:, 0].detach()
+        log_epoch(self, "train/attention_within", within.mean() if within.numel() else within.new_zeros(()),
+                  batch_size=batch_size if within.numel() else 0)
         return {"loss": out["loss"], "logits": out["logits"]}

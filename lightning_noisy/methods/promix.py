@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_noisy import augment
-from lightning_noisy.callbacks.base import find_training_labels, train_eval_loader
+from lightning_noisy.callbacks.base import find_training_labels, log_epoch, train_eval_loader
 from lightning_noisy.losses._targets import check_finite_non_negative, check_finite_positive
 from lightning_noisy.losses.regularizers import entropy_loss
 from lightning_noisy.methods.classifier import (
@@ -246,14 +246,14 @@ class ProMix(HeldOutAccuracy):
             losses = eval_mode_losses(self, net, loader, n)
             chosen = class_wise_small_loss(losses.cpu(), self._noisy_labels, rho, self.num_classes)
             self.selected[row] = chosen.to(self.selected.device)
-        self.log("promix/rho", rho)
+        log_epoch(self, "promix/rho", rho)
         if self._clean_labels is not None:
             right = self._noisy_labels == self._clean_labels
             chosen = self.selected[0].cpu()
             if chosen.any():
-                self.log("noisy/promix_selection_precision", right[chosen].float().mean())
+                log_epoch(self, "noisy/promix_selection_precision", right[chosen].float().mean())
             if right.any():
-                self.log("noisy/promix_selection_recall", chosen[right].float().mean())
+                log_epoch(self, "noisy/promix_selection_recall", chosen[right].float().mean())
 
     # ------------------------------------------------------------------ training
     def _batch_index(self, batch: Any) -> Tensor:
@@ -346,7 +346,7 @@ class ProMix(HeldOutAccuracy):
             loss = network_loss if loss is None else loss + network_loss
             logits = weak_logits if logits is None else logits
         assert loss is not None and logits is not None
-        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=int(x.shape[0]))
+        log_epoch(self, "train/loss", loss.detach(), batch_size=int(x.shape[0]), prog_bar=True)
         return {"loss": loss, "logits": logits}
 
     @override
@@ -361,7 +361,7 @@ class ProMix(HeldOutAccuracy):
         moved = momentum * self.priors + (1.0 - momentum) * means
         self.priors = torch.where(counts.to(self.priors) > 0, moved, self.priors)  # a prior with no samples stays
         if float(kept[1]) > 0:
-            self.log("promix/kept_fraction", float(kept[0] / kept[1]))
+            log_epoch(self, "promix/kept_fraction", float(kept[0] / kept[1]))
 
     @override
     def configure_optimizers(self) -> OptimizerLRScheduler:

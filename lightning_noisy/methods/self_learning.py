@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_noisy.callbacks.base import find_training_labels, rank_batches, train_eval_loader
+from lightning_noisy.callbacks.base import find_training_labels, log_epoch, rank_batches, train_eval_loader
 from lightning_noisy.methods.classifier import NoisyClassifier, resize_sample_buffers, split_batch
 from lightning_noisy.state import BatchContract
 from lightning_noisy.state.gather import all_gather_uneven, is_distributed
@@ -337,10 +337,10 @@ class SelfLearning(NoisyClassifier):
             labels = self.correct_labels(self.training_features(), self._noisy, epoch)
         self.pseudo_label = labels.to(self.pseudo_label.device)
         noisy = self._noisy.to(labels.device)
-        self.log("noisy/pseudo_label_changed", (labels != noisy).float().mean(), on_step=False, on_epoch=True)
+        log_epoch(self, "noisy/pseudo_label_changed", (labels != noisy).float().mean())
         if self._clean is not None:
             recovery = (labels == self._clean.to(labels.device)).float().mean()
-            self.log("noisy/pseudo_label_recovery", recovery, on_step=False, on_epoch=True)
+            log_epoch(self, "noisy/pseudo_label_recovery", recovery)
 
     @override
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
@@ -377,9 +377,9 @@ class SelfLearning(NoisyClassifier):
                 )
             pseudo = self.pseudo_label[index.to(self.pseudo_label.device)].to(logits.device)
             loss, loss_noisy, loss_pseudo = self.self_learning_loss(logits, y, pseudo)
-            self.log("train/loss_noisy", loss_noisy, on_step=False, on_epoch=True, batch_size=batch_size)
-            self.log("train/loss_pseudo", loss_pseudo, on_step=False, on_epoch=True, batch_size=batch_size)
+            log_epoch(self, "train/loss_noisy", loss_noisy, batch_size=batch_size)
+            log_epoch(self, "train/loss_pseudo", loss_pseudo, batch_size=batch_size)
         else:
             loss = self.compute_loss(logits, y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        log_epoch(self, "train/loss", loss, batch_size=batch_size, prog_bar=True)
         return {"loss": loss, "logits": logits}

@@ -12,6 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_noisy import augment
+from lightning_noisy.callbacks.base import log_epoch
 from lightning_noisy.callbacks.sop import EPS, SOPCallback
 from lightning_noisy.losses._targets import check_finite_non_negative
 from lightning_noisy.methods.classifier import (
@@ -176,8 +177,7 @@ class SOPPlus(HeldOutAccuracy):
         loss = ce + hp.balance_weight * balance + hp.consistency_weight * consistency
         size = int(x.shape[0])
         for name, value in (("loss", loss), ("ce", ce), ("balance", balance), ("consistency", consistency)):
-            self.log(f"train/{name}", value.detach(), on_step=False, on_epoch=True, prog_bar=name == "loss",
-                     batch_size=size)
+            log_epoch(self, f"train/{name}", value.detach(), batch_size=size, prog_bar=name == "loss")
         return {"loss": loss, "logits": corrected}
 
     @override

@@ -107,6 +107,8 @@ class SampleRecorder:
         dtype: dtype the values are stored and gathered in.
         topk: keep the ``k`` largest entries of each ``[C]`` record, renormalised (``None``: dense).
         round_bytes: most record bytes a rank sends in one all-to-all round of a sharded gather.
+        drop_non_finite: leave out of a gather every sample whose reduced record holds a NaN or an
+            infinity, so nothing non-finite reaches a buffer; :attr:`non_finite_rows` counts them.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class SampleRecorder:
         dtype: torch.dtype = torch.float32,
         topk: int | None = None,
         round_bytes: int = 256 << 20,
+        drop_non_finite: bool = True,
     ) -> None:
         if any(int(d) < 1 for d in value_shape):
             raise ValueError(f"value_shape must have positive sizes, got {tuple(value_shape)}")
@@ -128,6 +131,9 @@ class SampleRecorder:
         self._parts: RowParts = self.codec.empty(0)
         self._size = 0
         self._taken = 0
+        self.drop_non_finite = drop_non_finite
+        #: samples the last gather left out for a non-finite record, summed over every rank's rows
+        self.non_finite_rows = 0
 
     def __len__(self) -> int:
         return self._size - self._taken
@@ -214,7 +220,7 @@ class SampleRecorder:
         device = torch.device(device)
         if layout is not None and layout.is_sharded and is_distributed():
             index, parts = self._send_to_owners(layout, device)
-            return reduce_parts(index, parts, self.codec, reduction)
+            return self._finite(*reduce_parts(index, parts, self.codec, reduction), sum_over_ranks=device)
         index, parts = self._take(len(self), device)
         self.clear()
         all_index = _concatenate(all_gather_uneven(index)).cpu()
@@ -223,7 +229,29 @@ class SampleRecorder:
         for name in list(parts):
             all_parts[name] = _concatenate(all_gather_uneven(parts.pop(name))).cpu()
         traffic.add(all_index, *all_parts.values())
-        return reduce_parts(all_index, all_parts, self.codec, reduction)
+        return self._finite(*reduce_parts(all_index, all_parts, self.codec, reduction))
+
+    def _finite(
+        self, index: Tensor, parts: RowParts, counts: Tensor, sum_over_ranks: torch.device | None = None
+    ) -> tuple[Tensor, RowParts, Tensor]:
+        """The gathered samples whose reduced record is finite; :attr:`non_finite_rows` counts the others
+        (summed over the ranks' blocks, a collective, when ``sum_over_ranks`` names the collective device)."""
+        self.non_finite_rows = 0
+        floating = [part for part in parts.values() if part.is_floating_point()]
+        if not (self.drop_non_finite and floating):
+            return index, parts, counts
+        finite = torch.ones(index.shape[0], dtype=torch.bool, device=index.device)
+        for part in floating:
+            finite &= torch.isfinite(part).flatten(1).all(dim=1).to(finite.device) if part.ndim > 1 else \
+                torch.isfinite(part).to(finite.device)
+        dropped = torch.tensor([int((~finite).sum())], dtype=torch.long)
+        if sum_over_ranks is not None:
+            dropped = dropped.to(sum_over_ranks)
+            dist.all_reduce(dropped)
+        self.non_finite_rows = int(dropped.cpu()[0])
+        if bool(finite.all()):
+            return index, parts, counts
+        return index[finite], {name: part[finite] for name, part in parts.items()}, counts[finite]
 
     def _take(self, rows: int, device: torch.device) -> tuple[Tensor, RowParts]:
         """The oldest ``rows`` records not yet taken (all, if fewer), on ``device``."""

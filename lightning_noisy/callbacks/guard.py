@@ -1,0 +1,74 @@
+"""Is this epoch's network fit to write per-sample state? Non-finite and collapsed epochs are told apart here."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class EpochVerdict:
+    """One epoch's training logits, summed over every rank.
+
+    Attributes:
+        rows: logit rows seen.
+        non_finite_rows: rows holding a NaN or an infinity.
+        mean_entropy: mean softmax entropy of the finite rows, as a share of ``ln C`` (1: uniform).
+    """
+
+    rows: int
+    non_finite_rows: int
+    mean_entropy: float
+
+    @property
+    def all_non_finite(self) -> bool:
+        return self.rows > 0 and self.non_finite_rows == self.rows
+
+    def near_uniform(self, collapse_entropy: float) -> bool:
+        """Whether the finite predictions are near uniform: mean entropy at least ``collapse_entropy`` of ``ln C``."""
+        return self.rows > self.non_finite_rows and self.mean_entropy >= collapse_entropy
+
+
+class PredictionHealth:
+    """Running totals of one epoch's training logits on this rank, with no host sync per step.
+
+    :meth:`add` takes each step's ``[B, C]`` logits; :meth:`conclude` sums the totals over the ranks (one
+    small all-reduce) into an :class:`EpochVerdict` and starts the next epoch.
+    """
+
+    def __init__(self) -> None:
+        self._totals: Tensor | None = None  # rows, non-finite rows, summed normalised entropy (float64)
+
+    def add(self, logits: Tensor) -> None:
+        """Count ``logits [B, C]`` (``C >= 2``; other shapes are not predictions and are ignored)."""
+        if logits.ndim != 2 or logits.shape[1] < 2 or logits.shape[0] == 0:
+            return
+        logits = logits.detach().float()
+        finite = torch.isfinite(logits).all(dim=1)
+        log_p = torch.log_softmax(torch.where(finite[:, None], logits, torch.zeros_like(logits)), dim=1)
+        entropy = -(log_p.exp() * log_p).sum(dim=1) / math.log(logits.shape[1])
+        totals = torch.stack([
+            finite.new_ones(()).double() * finite.shape[0],
+            (~finite).sum().double(),
+            (entropy * finite).sum().double(),
+        ])
+        self._totals = totals if self._totals is None or self._totals.device != totals.device else self._totals + totals
+
+    def conclude(self, device: torch.device, distributed: bool) -> EpochVerdict:
+        """The epoch's verdict over every rank (a collective when ``distributed``: call it on every rank)."""
+        totals = torch.zeros(3, dtype=torch.float64, device=device) if self._totals is None else self._totals.to(device)
+        self._totals = None
+        if distributed:
+            torch.distributed.all_reduce(totals)
+        rows, non_finite, entropy = (float(v) for v in totals.cpu())
+        finite = rows - non_finite
+        return EpochVerdict(int(rows), int(non_finite), entropy / finite if finite > 0 else math.nan)
+
+    def reset(self) -> None:
+        self._totals = None
+
+
+__all__ = ["EpochVerdict", "PredictionHealth"]
