@@ -62,7 +62,7 @@ def test_margin_is_zero_when_the_assigned_logit_ties_the_largest_other() -> None
 
 
 def test_aum_threshold_and_flags_equal_the_aum_package(tmp_path: Path) -> None:
-    callback = AUMCallback(start_epoch=1, percentile=99.0, output_dir=str(tmp_path))
+    callback = AUMCallback(start_epoch=1, percentile=99.0, threshold_samples=True, output_dir=str(tmp_path))
     model = _fit(callback, epochs=4, n=32, batch_size=8)
     reference = _reference(model, start_epoch=1, batches_per_epoch=4, batch_size=8)
     expected = torch.tensor([reference.sums[i] / reference.counts[i] for i in range(32)], dtype=torch.float64)
@@ -86,7 +86,7 @@ def test_aum_threshold_and_flags_equal_the_aum_package(tmp_path: Path) -> None:
 
 
 def test_detection_metrics_are_logged_with_clean_labels() -> None:
-    callback = AUMCallback()
+    callback = AUMCallback(threshold_samples=True)
     model = _fit(callback, epochs=2)
     logged = model.trainer.callback_metrics
     for name in ("aum/threshold", "aum/flagged_fraction", "noisy/aum_f1", "noisy/aum_auroc"):
@@ -115,7 +115,7 @@ def test_two_run_rule_removes_samples_flagged_in_every_run_where_they_were_ordin
 
 def test_two_runs_combine_from_their_flag_files(tmp_path: Path) -> None:
     for run in (0, 1):
-        _fit(AUMCallback(threshold_run=run, output_dir=str(tmp_path / f"run{run}")), epochs=2)
+        _fit(AUMCallback(threshold_samples=True, threshold_run=run, output_dir=str(tmp_path / f"run{run}")), epochs=2)
     paths = [str(tmp_path / f"run{run}" / "aum_flags.csv") for run in (0, 1)]
     removed = combine_flag_files(paths)
     combine_main([*paths, "--out", str(tmp_path / "removed.pt")])
@@ -157,7 +157,7 @@ class RankChecker(AUMCallback):
 @pytest.mark.ddp
 def test_aum_and_flags_identical_on_two_ranks_and_equal_to_one_process() -> None:
     dataset = toy_dataset(n=30, noisy_every=3)
-    trainer(devices=2, strategy=SpawnDDPStrategy(), max_epochs=2, callbacks=[RankChecker()]).fit(
+    trainer(devices=2, strategy=SpawnDDPStrategy(), max_epochs=2, callbacks=[RankChecker(threshold_samples=True)]).fit(
         ThresholdClassifier(), DataLoader(dataset, batch_size=4, shuffle=True)
     )
 
@@ -166,7 +166,7 @@ def _resumable(tmp_path: Path, max_epochs: int, ckpt: Path | None = None) -> tup
     pl.seed_everything(7, verbose=False)
     dataset = toy_dataset(n=30, noisy_every=3)
     loader = DataLoader(dataset, batch_size=8, sampler=EpochShuffleSampler(dataset, seed=1))
-    callback, model = AUMCallback(start_epoch=1), ThresholdClassifier()
+    callback, model = AUMCallback(start_epoch=1, threshold_samples=True), ThresholdClassifier()
     trainer(max_epochs=max_epochs, callbacks=[callback], default_root_dir=tmp_path).fit(
         model, loader, ckpt_path=None if ckpt is None else str(ckpt)
     )
@@ -190,17 +190,33 @@ def test_resume_from_epoch_boundary_matches_uninterrupted_run(tmp_path: Path) ->
 def test_model_without_the_extra_output_is_rejected_and_left_unwrapped() -> None:
     model = PlainClassifier()
     with pytest.raises(ValueError, match=r"must have 4 outputs \(C \+ 1.*for C=3 classes, got 3"):
-        trainer(callbacks=[AUMCallback()]).fit(model, DataLoader(toy_dataset(n=8), batch_size=4))
+        trainer(callbacks=[AUMCallback(threshold_samples=True)]).fit(model, DataLoader(toy_dataset(n=8), batch_size=4))
     assert "training_step" not in model.__dict__  # the batch contract was released
     assert not model._forward_hooks  # and so was the output check
 
 
-def test_without_threshold_samples_c_outputs_suffice_and_nothing_is_flagged() -> None:
-    callback = AUMCallback(threshold_samples=False)
-    trainer(max_epochs=2, callbacks=[callback]).fit(PlainClassifier(), DataLoader(toy_dataset(n=8), batch_size=4))
-    assert bool(torch.isfinite(callback.aum).all())
-    with pytest.raises(RuntimeError, match="no threshold"):
-        callback.threshold  # noqa: B018
+@pytest.mark.parametrize("threshold_samples", [False, "auto"])
+def test_without_threshold_samples_c_outputs_suffice_and_negative_aums_are_flagged(threshold_samples: Any) -> None:
+    callback = AUMCallback(threshold_samples=threshold_samples)  # "auto": PlainClassifier declares no num_classes
+    pl.seed_everything(0, verbose=False)
+    trainer(max_epochs=3, callbacks=[callback]).fit(PlainClassifier(), DataLoader(toy_dataset(n=24), batch_size=4))
+    aum = callback.aum
+    assert bool(torch.isfinite(aum).all()) and callback.threshold == 0.0
+    assert torch.equal(callback.flagged, aum < 0) and bool(callback.flagged.any()) and not bool(callback.flagged.all())
+
+
+def test_auto_uses_threshold_samples_when_the_module_declares_c_plus_one_classes() -> None:
+    class Declared(ThresholdClassifier):
+        num_classes = NUM_CLASSES + 1
+
+    callback = AUMCallback()
+    trainer(max_epochs=1, callbacks=[callback]).fit(Declared(), DataLoader(toy_dataset(n=8), batch_size=4))
+    assert callback.use_threshold_samples and bool(callback.threshold_mask.any())
+
+
+def test_auto_without_a_declaration_names_the_switch_for_an_extra_output() -> None:
+    with pytest.raises(ValueError, match="got 4; pass threshold_samples=True to use the extra output"):
+        trainer(callbacks=[AUMCallback()]).fit(ThresholdClassifier(), DataLoader(toy_dataset(n=8), batch_size=4))
 
 
 @pytest.mark.parametrize(
@@ -211,6 +227,7 @@ def test_without_threshold_samples_c_outputs_suffice_and_nothing_is_flagged() ->
         ({"start_epoch": -1}, "start_epoch must be >= 0, got -1"),
         ({"threshold_fraction": 1.5}, r"threshold_fraction must be in \(0, 1\), got 1.5"),
         ({"threshold_run": -1}, "threshold_run must be >= 0, got -1"),
+        ({"threshold_samples": "yes"}, "threshold_samples must be True, False or 'auto', got 'yes'"),
     ],
 )
 def test_bad_arguments_are_rejected(kwargs: dict[str, Any], message: str) -> None:

@@ -85,7 +85,7 @@ def _sop() -> list[pl.Callback]:
 def _aum() -> list[pl.Callback]:
     from lightning_noisy.callbacks import AUMCallback
 
-    return [AUMCallback()]
+    return [AUMCallback(threshold_samples=True)]
 
 
 def _method(name: str, **kwargs: Any) -> Callable[[], pl.LightningModule]:

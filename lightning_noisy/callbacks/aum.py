@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
@@ -105,7 +105,10 @@ class AUMCallback(SampleStateCallback):
     other logit, before the softmax. A sample's AUM is the mean of its margins from ``start_epoch`` on.
     A random ``1 / (C + 1)`` share of the samples, the threshold samples, are relabelled to an extra
     class ``C`` (the model needs ``C + 1`` outputs), so their labels are certainly wrong; samples whose AUM
-    is below the ``percentile``-th percentile of the threshold samples' AUMs are flagged.
+    is below the ``percentile``-th percentile of the threshold samples' AUMs are flagged. A model with ``C``
+    outputs, as an unmodified classifier has, gets no threshold samples: a sample is then flagged when its
+    AUM is below 0, the assigned logit being on average below the largest other one (the sign of the margin
+    that the threshold samples calibrate).
 
     Each epoch it logs ``aum/threshold`` and ``aum/flagged_fraction``, with the clean labels the
     precision, recall, F1 and AUROC of the detection (``noisy/aum_*``), and a histogram of the AUMs.
@@ -122,7 +125,9 @@ class AUMCallback(SampleStateCallback):
     Args:
         start_epoch: first epoch whose margins enter the AUM.
         percentile: percentile of the threshold samples' AUMs below which a sample is flagged, in (0, 100).
-        threshold_samples: relabel threshold samples to class ``C``; without them nothing is flagged.
+        threshold_samples: relabel threshold samples to class ``C`` (the model needs ``C + 1`` outputs); without
+            them the threshold is 0. ``"auto"``: with them when the module declares ``num_classes`` (as an
+            attribute or hyperparameter) equal to ``C + 1``, else without.
         threshold_fraction: share of threshold samples (default ``1 / (C + 1)``).
         threshold_run: which disjoint threshold set to use (0 for the first run, 1 for the second).
         threshold_seed: seed of the threshold sets (the same for the runs to be combined).
@@ -138,7 +143,7 @@ class AUMCallback(SampleStateCallback):
         self,
         start_epoch: int = 0,
         percentile: float = 99.0,
-        threshold_samples: bool = True,
+        threshold_samples: bool | Literal["auto"] = "auto",
         threshold_fraction: float | None = None,
         threshold_run: int = 0,
         threshold_seed: int = 0,
@@ -156,9 +161,12 @@ class AUMCallback(SampleStateCallback):
             raise ValueError(f"threshold_fraction must be in (0, 1), got {threshold_fraction}")
         if int(threshold_run) < 0:
             raise ValueError(f"threshold_run must be >= 0, got {threshold_run}")
+        if threshold_samples not in (True, False, "auto"):
+            raise ValueError(f"threshold_samples must be True, False or 'auto', got {threshold_samples!r}")
         self.start_epoch = int(start_epoch)
         self.percentile = float(percentile)
-        self.use_threshold_samples = bool(threshold_samples)
+        self.threshold_samples = threshold_samples
+        self.use_threshold_samples = threshold_samples is True  # "auto" is resolved when training starts
         self.threshold_fraction = threshold_fraction
         self.threshold_run = int(threshold_run)
         self.threshold_seed = int(threshold_seed)
@@ -184,6 +192,15 @@ class AUMCallback(SampleStateCallback):
     @override
     def allocate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, labels: TrainingLabels) -> None:
         declared = getattr(pl_module, "num_classes", None)
+        if not isinstance(declared, int):
+            declared = getattr(getattr(pl_module, "hparams", {}), "get", lambda _: None)("num_classes")
+        if self.threshold_samples == "auto":
+            self.use_threshold_samples = isinstance(declared, int) and declared == labels.num_classes + 1
+            rank_zero_info(
+                f"AUMCallback: {'with' if self.use_threshold_samples else 'without'} threshold samples (the module "
+                f"declares {declared if isinstance(declared, int) else 'no'} num_classes for C={labels.num_classes}); "
+                + ("flagged below their AUM percentile" if self.use_threshold_samples else "flagged below AUM 0")
+            )
         if isinstance(declared, int):
             self._check_outputs(declared, labels.num_classes)
         n = labels.num_samples
@@ -204,10 +221,11 @@ class AUMCallback(SampleStateCallback):
         expected = num_classes + int(self.use_threshold_samples)
         if outputs != expected:
             extra = " (C + 1: the threshold samples are relabelled to an extra class C)" if self.use_threshold_samples else ""
-            raise ValueError(
-                f"AUMCallback: the model must have {expected} outputs{extra} for C={num_classes} classes, "
-                f"got {outputs}; build it with num_classes={expected} or pass threshold_samples=False"
-            )
+            fix = (f"build it with num_classes={expected} or pass threshold_samples=False" if self.use_threshold_samples
+                   else "pass threshold_samples=True to use the extra output for threshold samples"
+                   if outputs == num_classes + 1 else f"build it with num_classes={expected}")
+            raise ValueError(f"AUMCallback: the model must have {expected} outputs{extra} for C={num_classes} classes, "
+                             f"got {outputs}; {fix}")
         self._checked_outputs = True
 
     def _check_first_output(self, module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -280,22 +298,22 @@ class AUMCallback(SampleStateCallback):
         rows, aum, seen = self._local_aum()
         sharded = layout.is_sharded
         metrics: dict[str, Tensor] = {}
-        if self.use_threshold_samples:
-            assert self.threshold_mask is not None
-            mask = self.threshold_mask[rows]
-            threshold = aum_threshold(gather_scalars(aum[mask & seen], sharded, device), self.percentile)
-            flagged = (aum < threshold) & ~mask & seen
-            counts = self.sum_over_shards(trainer, layout, torch.stack([flagged.sum(), seen.sum()]))
-            metrics["aum/threshold"] = torch.tensor(threshold)
-            metrics["aum/flagged_fraction"] = counts[0].double() / counts[1].double()
-            labels = self.training_labels
-            ordinary = seen & ~mask
-            if labels is not None and labels.clean is not None:  # AUROC ranks every sample: gathered, for metrics
-                is_clean = (labels.noisy == labels.clean)[rows][ordinary]
-                scores, kept, clean = (gather_scalars(t, sharded, device) for t in (aum[ordinary], ~flagged[ordinary], is_clean))
-                if scores.numel():
-                    found = selection_scores(scores.float(), kept, clean, positive="noisy")
-                    metrics.update({f"noisy/aum_{name}": value for name, value in found.items()})
+        assert self.threshold_mask is not None
+        mask = self.threshold_mask[rows]
+        threshold = (aum_threshold(gather_scalars(aum[mask & seen], sharded, device), self.percentile)
+                     if self.use_threshold_samples else 0.0)
+        flagged = (aum < threshold) & ~mask & seen
+        counts = self.sum_over_shards(trainer, layout, torch.stack([flagged.sum(), seen.sum()]))
+        metrics["aum/threshold"] = torch.tensor(threshold)
+        metrics["aum/flagged_fraction"] = counts[0].double() / counts[1].double()
+        labels = self.training_labels
+        ordinary = seen & ~mask
+        if labels is not None and labels.clean is not None:  # AUROC ranks every sample: gathered, for metrics
+            is_clean = (labels.noisy == labels.clean)[rows][ordinary]
+            scores, kept, clean = (gather_scalars(t, sharded, device) for t in (aum[ordinary], ~flagged[ordinary], is_clean))
+            if scores.numel():
+                found = selection_scores(scores.float(), kept, clean, positive="noisy")
+                metrics.update({f"noisy/aum_{name}": value for name, value in found.items()})
         self.log_epoch_metrics(pl_module, metrics)
         if self.histogram:
             log_histogram(trainer, "aum/values", gather_scalars(aum[seen], sharded, device))
@@ -352,11 +370,12 @@ class AUMCallback(SampleStateCallback):
 
     @property
     def threshold(self) -> float:
-        """The AUM below which a sample is flagged: a percentile of the threshold samples' AUMs (a collective when sharded)."""
+        """The AUM below which a sample is flagged: a percentile of the threshold samples' AUMs (a collective when
+        sharded), or 0 without threshold samples."""
         total, _ = self._require_values()
         assert self.threshold_mask is not None
         if not self.use_threshold_samples:
-            raise RuntimeError("AUMCallback(threshold_samples=False) has no threshold")
+            return 0.0
         rows, aum, seen = self._local_aum()
         threshold_aum = gather_scalars(aum[self.threshold_mask[rows] & seen], total.layout.is_sharded, self.collective_device)
         return aum_threshold(threshold_aum, self.percentile)
@@ -379,10 +398,8 @@ class AUMCallback(SampleStateCallback):
         total, count = self._require_values()
         rows, aum, seen = self._local_aum()
         sharded, device = total.layout.is_sharded, self.collective_device
-        flagged = torch.zeros_like(seen)
-        if self.use_threshold_samples:
-            assert self.threshold_mask is not None
-            flagged = (aum < self.threshold) & ~self.threshold_mask[rows] & seen
+        assert self.threshold_mask is not None
+        flagged = (aum < self.threshold) & ~self.threshold_mask[rows] & seen
         return tuple(gather_scalars(t, sharded, device) for t in (aum, seen, flagged))  # type: ignore[return-value]
 
     def save_csv(self, path: str | Path) -> None:
