@@ -1,4 +1,4 @@
-"""Joint Optimization (Tanaka et al., CVPR 2018) reproduced on MNIST-1D: tables and figures for the README.
+"""Joint Optimization (Tanaka et al., CVPR 2018) reproduced on MNIST-1D: tables and figures for docs/benchmarks.md.
 
     .venv/bin/python benchmarks/joint_optimization.py                      # canonical 4,000 / 1,000 split
     .venv/bin/python benchmarks/joint_optimization.py --num-samples 25000 --seeds 0 --rates 0.3 0.5 0.7 \

@@ -71,7 +71,7 @@ def _callbacks() -> list[pl.Callback]:
         # prior and entropy terms: their per-step values are logged by the callback (noisy/*_loss)
         LabelCorrectionCallback(update="soft", num_average_epochs=1, start_epoch=0, prior_weight=0.5,
                                 entropy_weight=0.2),
-        NoisyLabelMonitor(), ELRCallback(), CoDivideCallback(), WarmupEntropyCallback(warmup_epochs=1),
+        NoisyLabelMonitor(), ELRCallback(), CoDivideCallback(start_epoch=0), WarmupEntropyCallback(warmup_epochs=1),
         ForwardCorrectionCallback(estimate_epoch=0), CurriculumCallback(curriculum_epoch=0, stage_epochs=(1, 2)),
     ]
 

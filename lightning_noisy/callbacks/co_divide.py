@@ -308,7 +308,9 @@ class CoDivideCallback(SampleStateCallback):
         last_losses: ``[N]`` raw per-sample losses of the last pass.
 
     Args:
-        start_epoch: first epoch at whose end the division runs (DivideMix: after warm-up), ``>= 0``.
+        start_epoch: first epoch at whose end the division runs, ``>= 0``. The default, 9, ends DivideMix's
+            10 warm-up epochs on CIFAR-10 (CIFAR-100: 30), as :class:`WarmupEntropyCallback`'s default does, so
+            the first epoch trained on a division is the first after warm-up.
         p_threshold: clean-probability threshold in ``(0, 1)`` (DivideMix: 0.5).
         num_average: number of past epochs whose normalised losses are averaged, ``>= 1``.
         gmm_max_iter, gmm_tol, gmm_reg_covar: the mixture's EM settings (DivideMix: 10, 1e-2, 5e-4).
@@ -334,7 +336,7 @@ class CoDivideCallback(SampleStateCallback):
 
     def __init__(
         self,
-        start_epoch: int = 0,
+        start_epoch: int = 9,
         p_threshold: float = 0.5,
         num_average: int = 1,
         gmm_max_iter: int = 10,

@@ -44,12 +44,14 @@ class WarmupEntropyCallback(SampleStateCallback):
     (averaged over all ranks), and ``warmup/confidence_penalty`` while the penalty is active.
 
     Args:
-        warmup_epochs: number of epochs (from epoch 0) during which the penalty is added, ``>= 0``.
+        warmup_epochs: number of epochs (from epoch 0) during which the penalty is added, ``>= 0`` (DivideMix:
+            10 on CIFAR-10, the default; 30 on CIFAR-100). :class:`CoDivideCallback`'s default start divides at
+            the end of the last of these epochs.
         weight: factor of the penalty, finite and ``>= 0`` (DivideMix: 1.0).
         key: distinguishes two instances in one checkpoint.
     """
 
-    def __init__(self, warmup_epochs: int, weight: float = 1.0, key: str | None = None) -> None:
+    def __init__(self, warmup_epochs: int = 10, weight: float = 1.0, key: str | None = None) -> None:
         super().__init__(key=key)
         if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be an integer >= 0, got {warmup_epochs!r}")
@@ -95,6 +97,11 @@ class WarmupEntropyCallback(SampleStateCallback):
             entropy = -negative_entropy(context.logits.detach()) * context.batch_size
         self._entropy_sum = self._entropy_sum + entropy.double().cpu()
         self._entropy_count += context.batch_size
+
+    @override
+    def on_skipped_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
+        self._entropy_sum = torch.zeros((), dtype=torch.float64)
+        self._entropy_count = 0
 
     @override
     def on_epoch_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
