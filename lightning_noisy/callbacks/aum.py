@@ -240,13 +240,16 @@ class AUMCallback(SampleStateCallback):
     def on_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:
         if not self._checked_outputs and self._output_check is None:
             self._output_check = pl_module.register_forward_hook(self._check_first_output)
-        if not self.use_threshold_samples:
-            return
-        assert self._assigned is not None and self.contract is not None
-        device = context.index.device
-        if self._device_assigned is None or self._device_assigned.device != device:
-            self._device_assigned = self._assigned.to(device)
-        self.contract.set_targets(self._device_assigned.index_select(0, context.index))
+        if self.use_threshold_samples:
+            assert self.contract is not None
+            self.contract.set_targets(self._assigned_of(context.index))
+
+    def _assigned_of(self, index: Tensor) -> Tensor:
+        """``[B]`` the given label of each sample, or class ``C`` for a threshold sample, on ``index``'s device."""
+        assert self._assigned is not None
+        if self._device_assigned is None or self._device_assigned.device != index.device:
+            self._device_assigned = self._assigned.to(index.device)
+        return self._device_assigned.index_select(0, index)
 
     @override
     def on_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:
@@ -257,7 +260,9 @@ class AUMCallback(SampleStateCallback):
             self._check_outputs(int(context.logits.shape[1]), self.training_labels.num_classes)
         if trainer.current_epoch < self.start_epoch:
             return
-        assigned = context.batch[1]  # the noisy label, or class C for a threshold sample
+        # the given label, or class C for a threshold sample (not the batch's target, which another callback,
+        # such as LabelCorrectionCallback, may have replaced by a corrected or soft label)
+        assigned = self._assigned_of(context.index).to(context.logits.device)
         device = context.logits.device
         if self._epoch_sum.device != device:  # float64 accumulators, float32 where the device has no float64
             dtype = torch.float32 if device.type == "mps" else torch.float64
