@@ -75,7 +75,8 @@ class LabelCorrectionCallback(SampleStateCallback):
             difference (an exponential moving average) instead of dropping the oldest epoch.
         fetch_window: batches whose label rows a sharded state fetches in one collective.
         onset_window: with ``"auto"``, epochs over which the prediction changes are averaged.
-        onset_patience: with ``"auto"``, epochs without a new minimum of the average before the start.
+        onset_patience: with ``"auto"``, epochs without a new minimum of the average before the start (6: on
+            MNIST-1D a later start kept more labels right at 0% and 40% noise than 3 did; see docs/benchmarks.md).
         collapse_entropy: skip the label update of an epoch whose mean prediction entropy is at least this
             share of ``ln C`` after the network had learned (a collapse); ``None`` disables the check.
         max_skipped_epochs: skipped epochs in a row after which the fit stops with an error.
@@ -99,7 +100,7 @@ class LabelCorrectionCallback(SampleStateCallback):
         history: HistoryForm = "ring",
         fetch_window: int = 16,
         onset_window: int = 3,
-        onset_patience: int = 3,
+        onset_patience: int = 6,
         collapse_entropy: float | None = 0.99,
         max_skipped_epochs: int = 5,
         key: str | None = None,
