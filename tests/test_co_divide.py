@@ -258,7 +258,7 @@ class RankChecker(CoDivideCallback):
 @pytest.mark.ddp
 def test_division_identical_on_two_ranks_and_equal_to_one_process() -> None:
     dataset = toy_dataset(n=30, noisy_every=3)
-    trainer(devices=2, strategy=SpawnDDPStrategy(), max_epochs=2, callbacks=[RankChecker(batch_size=4, shard_state=False)]).fit(
+    trainer(devices=2, strategy=SpawnDDPStrategy(), max_epochs=2, callbacks=[RankChecker(start_epoch=0, batch_size=4, shard_state=False)]).fit(
         PlainClassifier(), DataLoader(dataset, batch_size=4, shuffle=True)
     )
 

@@ -67,7 +67,7 @@ def test_mnist1d_run_recovers_labels_and_restarts_for_step_2() -> None:
         ({"step1_epochs": 0}, "step1_epochs must be >= 1, got 0"),
         ({"step2_lr": 0.0}, "step2_lr must be > 0, got 0.0"),
         ({"step2_milestones": [5, 2]}, r"step2_milestones must be increasing positive epochs, got \[5, 2\]"),
-        ({"step1_epochs": 10, "start_epoch": 10}, "stop_epoch must be after start_epoch=10, got stop_epoch=10"),
+        ({"step1_epochs": 10, "start_epoch": 10}, "stop_epoch must be an integer after start_epoch=10, got 10"),
         ({"alpha": -1.0}, "prior_weight must be >= 0, got -1.0"),
     ],
 )
