@@ -407,7 +407,7 @@ class SampleStateCallback(Callback):
     ) -> None:
         if self.context is not None and self.context.batch is batch:
             if self.context.logits is not None:
-                self._health.add(self.context.logits)
+                self._health.add(self.context.logits, entropy=self.collapse_entropy is not None)
             self.on_batch(trainer, pl_module, self.context)
         if is_last_batch(trainer, batch_idx):
             self._finish_epoch(trainer, pl_module)

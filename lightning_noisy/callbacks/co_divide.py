@@ -471,7 +471,7 @@ class CoDivideCallback(SampleStateCallback):
         rows, device = self._probability.index, trainer.strategy.root_device
         sharded = self._sharded and trainer.world_size > 1
         non_finite = torch.tensor([int((~torch.isfinite(losses)).sum())])
-        non_finite = int(self.sum_over_shards(trainer, self._probability.layout, non_finite)[0]) if sharded else int(non_finite[0])
+        non_finite = int(self.sum_over_shards(trainer, self._probability.layout, non_finite)[0])  # over the blocks
         if non_finite:  # a mixture fit on them would be meaningless: every row keeps its division
             rank_zero_warn(
                 f"CoDivideCallback: {non_finite} sample(s) had a non-finite loss (NaN or inf) in epoch "

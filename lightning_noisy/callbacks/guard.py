@@ -36,25 +36,26 @@ class PredictionHealth:
     """Running totals of one epoch's training logits on this rank, with no host sync per step.
 
     :meth:`add` takes each step's ``[B, C]`` logits; :meth:`conclude` sums the totals over the ranks (one
-    small all-reduce) into an :class:`EpochVerdict` and starts the next epoch.
+    small all-reduce) into an :class:`EpochVerdict` and starts the next epoch. The softmax entropy is only
+    computed when asked for (the collapse check), so the non-finite count alone costs one ``isfinite``.
     """
 
     def __init__(self) -> None:
         self._totals: Tensor | None = None  # rows, non-finite rows, summed normalised entropy (float64)
 
-    def add(self, logits: Tensor) -> None:
-        """Count ``logits [B, C]`` (``C >= 2``; other shapes are not predictions and are ignored)."""
+    def add(self, logits: Tensor, entropy: bool = True) -> None:
+        """Count ``logits [B, C]`` (``C >= 2``; other shapes are not predictions and are ignored); with
+        ``entropy=False`` the entropy total stays 0 (the verdict's ``mean_entropy`` is then meaningless)."""
         if logits.ndim != 2 or logits.shape[1] < 2 or logits.shape[0] == 0:
             return
         logits = logits.detach().float()
         finite = torch.isfinite(logits).all(dim=1)
-        log_p = torch.log_softmax(torch.where(finite[:, None], logits, torch.zeros_like(logits)), dim=1)
-        entropy = -(log_p.exp() * log_p).sum(dim=1) / math.log(logits.shape[1])
-        totals = torch.stack([
-            finite.new_ones(()).double() * finite.shape[0],
-            (~finite).sum().double(),
-            (entropy * finite).sum().double(),
-        ])
+        entropy_sum = logits.new_zeros((), dtype=torch.float64)
+        if entropy:
+            log_p = torch.log_softmax(torch.where(finite[:, None], logits, torch.zeros_like(logits)), dim=1)
+            entropy_sum = ((-(log_p.exp() * log_p).sum(dim=1) / math.log(logits.shape[1])) * finite).sum().double()
+        totals = torch.stack([logits.new_full((), logits.shape[0], dtype=torch.float64), (~finite).sum().double(),
+                              entropy_sum])
         self._totals = totals if self._totals is None or self._totals.device != totals.device else self._totals + totals
 
     def conclude(self, device: torch.device, distributed: bool) -> EpochVerdict:
@@ -66,9 +67,6 @@ class PredictionHealth:
         rows, non_finite, entropy = (float(v) for v in totals.cpu())
         finite = rows - non_finite
         return EpochVerdict(int(rows), int(non_finite), entropy / finite if finite > 0 else math.nan)
-
-    def reset(self) -> None:
-        self._totals = None
 
 
 __all__ = ["EpochVerdict", "PredictionHealth"]
