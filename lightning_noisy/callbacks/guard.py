@@ -41,32 +41,43 @@ class PredictionHealth:
     """
 
     def __init__(self) -> None:
-        self._totals: Tensor | None = None  # rows, non-finite rows, summed normalised entropy (float64)
+        self._rows = 0  # rows counted this epoch (known on the host: no sync)
+        self._finite: Tensor | None = None  # finite rows, int64 on the logits' device
+        self._entropy: Tensor | None = None  # summed normalised entropy of the finite rows, float64
 
     def add(self, logits: Tensor, entropy: bool = True) -> None:
         """Count ``logits [B, C]`` (``C >= 2``; other shapes are not predictions and are ignored); with
         ``entropy=False`` the entropy total stays 0 (the verdict's ``mean_entropy`` is then meaningless)."""
         if logits.ndim != 2 or logits.shape[1] < 2 or logits.shape[0] == 0:
             return
-        logits = logits.detach().float()
+        logits = logits.detach()
         finite = torch.isfinite(logits).all(dim=1)
-        entropy_sum = logits.new_zeros((), dtype=torch.float64)
+        self._rows += logits.shape[0]
+        self._finite = _accumulate(self._finite, finite.sum())
         if entropy:
-            log_p = torch.log_softmax(torch.where(finite[:, None], logits, torch.zeros_like(logits)), dim=1)
-            entropy_sum = ((-(log_p.exp() * log_p).sum(dim=1) / math.log(logits.shape[1])) * finite).sum().double()
-        totals = torch.stack([logits.new_full((), logits.shape[0], dtype=torch.float64), (~finite).sum().double(),
-                              entropy_sum])
-        self._totals = totals if self._totals is None or self._totals.device != totals.device else self._totals + totals
+            log_p = torch.log_softmax(torch.where(finite[:, None], logits, torch.zeros_like(logits)).float(), dim=1)
+            normalised = -(log_p.exp() * log_p).sum(dim=1) / math.log(logits.shape[1])
+            self._entropy = _accumulate(self._entropy, (normalised * finite).sum().double())
 
     def conclude(self, device: torch.device, distributed: bool) -> EpochVerdict:
         """The epoch's verdict over every rank (a collective when ``distributed``: call it on every rank)."""
-        totals = torch.zeros(3, dtype=torch.float64, device=device) if self._totals is None else self._totals.to(device)
-        self._totals = None
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        totals[0] = self._rows
+        if self._finite is not None:
+            totals[1] = self._rows - self._finite.to(device)
+        if self._entropy is not None:
+            totals[2] = self._entropy.to(device)
+        self._rows, self._finite, self._entropy = 0, None, None
         if distributed:
             torch.distributed.all_reduce(totals)
         rows, non_finite, entropy = (float(v) for v in totals.cpu())
         finite = rows - non_finite
         return EpochVerdict(int(rows), int(non_finite), entropy / finite if finite > 0 else math.nan)
+
+
+def _accumulate(total: Tensor | None, value: Tensor) -> Tensor:
+    """``total + value`` on ``value``'s device (``value`` when nothing was counted yet)."""
+    return value if total is None else total.to(value.device) + value
 
 
 __all__ = ["EpochVerdict", "PredictionHealth"]

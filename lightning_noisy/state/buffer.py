@@ -18,13 +18,21 @@ from lightning_noisy.state.storage import RowParts, RowStore, chunk_rows
 
 
 
-def _check_index(index: Tensor, num_samples: int) -> Tensor:
+def _check_index(index: Tensor, num_samples: int, low: int = 0, high: int | None = None) -> Tensor:
+    """``index`` as int64 after checking it is ``[M]`` integer with values in ``[0, num_samples)``; with
+    ``low``/``high`` also in ``[low, high)`` (a rank's block), else a ValueError. One reduction, one host sync."""
     if index.ndim != 1 or index.is_floating_point():
         raise ValueError(f"index must be a 1-D integer tensor, got dtype {index.dtype} and shape {tuple(index.shape)}")
     index = index.to(torch.long)
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_samples):
+    if not index.numel():
+        return index
+    least, most = (int(v) for v in torch.aminmax(index))
+    if least < 0 or most >= num_samples:
+        raise ValueError(f"index values must be in [0, {num_samples}), got min {least} and max {most}")
+    if least < low or (high is not None and most >= high):
         raise ValueError(
-            f"index values must be in [0, {num_samples}), got min {int(index.min())} and max {int(index.max())}"
+            f"index values must be in this rank's rows [{low}, {high}), got min {least} and max {most}: "
+            "send records to their owner first"
         )
     return index
 
@@ -79,13 +87,9 @@ class _Rows:
 
     def _local(self, index: Tensor) -> Tensor:
         """Row numbers in the block of the dataset indices ``index``; refused outside the block."""
-        index = _check_index(index, self.num_samples)
-        if not self.layout.owns(index):
-            raise ValueError(
-                f"index values must be in this rank's rows [{self.layout.start}, {self.layout.stop}), got min "
-                f"{int(index.min())} and max {int(index.max())}: send records to their owner first"
-            )
-        return index - self.layout.start
+        start, stop = self.layout.start, self.layout.stop
+        index = _check_index(index, self.num_samples, start, stop)
+        return index - start if start else index
 
     def _unique_rows(self, index: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
         """Row numbers of the distinct samples ``index [U]``, checked against values of ``shape``."""
