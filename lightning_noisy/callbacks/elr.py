@@ -24,10 +24,20 @@ def clamped_probabilities(logits: Tensor) -> Tensor:
     return torch.softmax(logits.float(), dim=1).clamp(CLAMP, 1.0 - CLAMP)
 
 
+def normalised(probabilities: Tensor) -> Tensor:
+    """``p / sum(p)`` of clamped probabilities ``[B, C]``, without gradient: what the targets average."""
+    p = probabilities.detach()
+    return p / p.sum(dim=1, keepdim=True)
+
+
 def ensemble_targets(targets: Tensor, probabilities: Tensor, beta: float) -> Tensor:
     """One temporal-ensemble step ``beta * t + (1 - beta) * p / sum(p)`` of targets ``[B, C]`` (no gradient)."""
-    p = probabilities.detach()
-    return beta * targets + (1.0 - beta) * (p / p.sum(dim=1, keepdim=True))
+    return ensemble_step(targets, normalised(probabilities), beta)
+
+
+def ensemble_step(targets: Tensor, predictions: Tensor, beta: float) -> Tensor:
+    """``beta * t + (1 - beta) * q`` of targets and normalised predictions ``[B, C]`` (the epoch's end repeats it)."""
+    return beta * targets + (1.0 - beta) * predictions
 
 
 def elr_term(probabilities: Tensor, targets: Tensor) -> Tensor:
@@ -104,8 +114,10 @@ class ELRCallback(SampleStateCallback):
         self._recorder: SampleRecorder | None = None
         self._fetcher: RowFetcher | None = None
         self._batch_targets: Tensor | None = None  # the step's stored targets [B, C], before this step's update
+        self._batch_predictions: Tensor | None = None  # the step's normalised predictions [B, C], without gradient
         self._current_epoch = 0
-        self._term_sum: Tensor | None = None  # this epoch's sum of the term and its batch count, on the logits' device
+        self._term_sum: Tensor | None = None  # this epoch's sum of the term, on the logits' device
+        self._term_steps = 0  # the steps it sums
         self.metric_suffix = ""  # tells apart the metrics of two instances (ELRPlus: one per network)
 
     # -- public API ------------------------------------------------------------------------------
@@ -149,31 +161,36 @@ class ELRCallback(SampleStateCallback):
     def on_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:
         assert self._fetcher is not None
         self._current_epoch = trainer.current_epoch
+        self._batch_predictions = None
         self._batch_targets = self._fetcher.rows(context.index)  # a collective when sharded: every rank, every batch
 
     def _loss_term(self, context: StepContext) -> Tensor | None:
         assert context.logits is not None and self._batch_targets is not None
         probabilities = clamped_probabilities(context.logits)
-        targets = ensemble_targets(self._batch_targets.to(probabilities.device), probabilities, self.beta)
+        self._batch_predictions = normalised(probabilities)  # recorded by on_batch: computed once per step
         if self._current_epoch < self.start_epoch:
             return None
+        targets = ensemble_step(self._batch_targets.to(probabilities.device), self._batch_predictions, self.beta)
         term = elr_term(probabilities, targets)
-        counted = torch.stack([term.detach().double(), term.new_ones((), dtype=torch.float64)])
-        self._term_sum = counted if self._term_sum is None else self._term_sum + counted  # no host sync per step
+        value = term.detach().double()
+        self._term_sum = value if self._term_sum is None else self._term_sum + value  # no host sync per step
+        self._term_steps += 1
         return self.weight * term
 
     @override
     def on_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:
-        if context.logits is None:
-            raise RuntimeError("ELRCallback found no logits for this step")
         assert self._recorder is not None
-        probabilities = clamped_probabilities(context.logits.detach())
-        self._recorder.add(context.index, probabilities / probabilities.sum(dim=1, keepdim=True))
-        self._batch_targets = None
+        predictions = self._batch_predictions
+        if predictions is None:  # the module returned no loss, so no term was computed
+            if context.logits is None:
+                raise RuntimeError("ELRCallback found no logits for this step")
+            predictions = normalised(clamped_probabilities(context.logits))
+        self._recorder.add(context.index, predictions)
+        self._batch_targets = self._batch_predictions = None
 
     @override
     def on_skipped_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
-        self._term_sum = None
+        self._term_sum, self._term_steps = None, 0
 
     @override
     def on_epoch_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -181,8 +198,7 @@ class ELRCallback(SampleStateCallback):
         targets = self._targets
         index, predictions, _ = self._recorder.gather(trainer.strategy.root_device, reduction="mean", layout=targets.layout)
         if index.numel():
-            step = (1.0 - self.beta) * predictions  # the same float32 arithmetic as ensemble_targets
-            targets.write(index, self.beta * targets.read(index) + step)
+            targets.write(index, ensemble_step(targets.read(index), predictions, self.beta))
         labels = self.training_labels
         sums = torch.zeros(2, dtype=torch.float64)  # samples trained on so far, and those whose target is right
         if labels.clean is not None:
@@ -192,10 +208,13 @@ class ELRCallback(SampleStateCallback):
                 sums += torch.tensor([rows.numel(), int(right.sum())], dtype=torch.float64)
         sums = self.sum_over_shards(trainer, targets.layout, sums)
         device = trainer.strategy.root_device
-        term = torch.zeros(2, dtype=torch.float64, device=device) if self._term_sum is None else self._term_sum.to(device)
+        term = torch.zeros(2, dtype=torch.float64, device=device)
+        term[1] = self._term_steps
+        if self._term_sum is not None:
+            term[0] = self._term_sum.to(device)
         if trainer.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(term)  # every rank's steps
-        term, self._term_sum = term.cpu(), None
+        term, self._term_sum, self._term_steps = term.cpu(), None, 0
         metrics: dict[str, Tensor] = {}
         if float(term[1]) > 0:
             metrics["noisy/elr_term"] = (term[0] / term[1]).float()
@@ -204,4 +223,4 @@ class ELRCallback(SampleStateCallback):
         self.log_epoch_metrics(pl_module, metrics)
 
 
-__all__ = ["ELRCallback", "clamped_probabilities", "elr_term", "ensemble_targets"]
+__all__ = ["ELRCallback", "clamped_probabilities", "elr_term", "ensemble_step", "ensemble_targets", "normalised"]

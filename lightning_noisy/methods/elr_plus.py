@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lightning_noisy import augment
 from lightning_noisy.callbacks.base import TrainingLabels, log_epoch
-from lightning_noisy.callbacks.elr import ELRCallback, clamped_probabilities, elr_term, ensemble_targets
+from lightning_noisy.callbacks.elr import ELRCallback, clamped_probabilities, elr_term, ensemble_step, normalised
 from lightning_noisy.losses._targets import check_finite_non_negative
 from lightning_noisy.methods.classifier import (
     HeldOutAccuracy,
@@ -87,7 +87,6 @@ class PeerTargets(ELRCallback):
         super().__init__(beta=beta, weight=0.0, shard_state=shard_state, storage_dtype=storage_dtype,
                          storage_topk=storage_topk, fetch_window=fetch_window, key=f"elr_plus_{name}")
         self.metric_suffix = f"_{name}"
-        self._supplied: Tensor | None = None
 
     @override
     def allocate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, labels: TrainingLabels) -> None:
@@ -98,17 +97,15 @@ class PeerTargets(ELRCallback):
         (clamped softmax, no gradient); they are recorded, and stored at the epoch's end."""
         if self._batch_targets is None:
             raise RuntimeError("PeerTargets.ensemble is called from the training step of the module that owns it")
-        p = probabilities.detach()
-        self._supplied = p / p.sum(dim=1, keepdim=True)
-        return ensemble_targets(self._batch_targets.to(p.device, p.dtype), p, self.beta)
+        self._batch_predictions = normalised(probabilities)
+        return ensemble_step(self._batch_targets.to(probabilities.device, probabilities.dtype), self._batch_predictions,
+                             self.beta)
 
     @override
     def on_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:
-        if self._supplied is None:
+        if self._batch_predictions is None:
             raise RuntimeError(f"{type(pl_module).__name__} did not hand this step's predictions to PeerTargets.ensemble")
-        assert self._recorder is not None
-        self._recorder.add(context.index, self._supplied)
-        self._supplied = self._batch_targets = None
+        super().on_batch(trainer, pl_module, context)
 
 
 class ELRPlus(HeldOutAccuracy):
