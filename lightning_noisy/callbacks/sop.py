@@ -29,7 +29,8 @@ def noise_terms(u: Tensor, v: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         v: ``[B, C]`` one parameter per sample and class (the other classes' share).
         labels: ``[B, C]`` one-hot given labels ``y``.
     """
-    return ((u * u)[:, None] * labels).clamp(0.0, 1.0 - EPS), (v * v * (1.0 - labels)).clamp(0.0, 1.0 - EPS)
+    # squares are >= 0, so only the ceiling is applied
+    return (u.square()[:, None] * labels).clamp_max(1.0 - EPS), (v.square() * (1.0 - labels)).clamp_max(1.0 - EPS)
 
 
 def corrected_probabilities(logits: Tensor, u_term: Tensor, v_term: Tensor) -> Tensor:
@@ -39,13 +40,13 @@ def corrected_probabilities(logits: Tensor, u_term: Tensor, v_term: Tensor) -> T
     added; its cross-entropy against the given labels trains the network and ``u`` (``V`` without gradient).
     """
     shifted = (torch.softmax(logits.float(), dim=1) + u_term - v_term.detach()).clamp_min(EPS)
-    return F.normalize(shifted, p=1, dim=1, eps=EPS).clamp(EPS, 1.0)
+    return (shifted / shifted.sum(dim=1, keepdim=True)).clamp(EPS, 1.0)  # the sum is >= C * 1e-4: no 0 to guard
 
 
 def v_term_loss(logits: Tensor, u_term: Tensor, v_term: Tensor, labels: Tensor) -> Tensor:
     """``sum_i || onehot(argmax z_i) + sg(U_i) - V_i - y_i ||^2 / B``: the squared error that trains ``v``."""
     predicted = F.one_hot(logits.detach().argmax(dim=1), labels.shape[1]).to(u_term.dtype)
-    return ((predicted + u_term.detach() - v_term - labels) ** 2).sum() / labels.shape[0]
+    return F.mse_loss(v_term, predicted + u_term.detach() - labels, reduction="sum") / labels.shape[0]
 
 
 def _positive(name: str, value: Any, allow_zero: bool = False) -> float:
@@ -219,12 +220,13 @@ class SOPCallback(SampleStateCallback):
             )
         u, v = self._batch
         with torch.no_grad():  # one plain SGD step of the batch's own parameters, on the unscaled gradients
-            grads = [torch.zeros_like(t) if t.grad is None else t.grad / self._grad_scale for t in (u, v)]
             scaled = self._grad_scale != 1.0  # only a scaled float16 step can overflow; checking costs a host sync
+            grads = [torch.zeros_like(t) if t.grad is None else t.grad / self._grad_scale if scaled else t.grad
+                     for t in (u, v)]
             if scaled and not all(bool(torch.isfinite(g).all()) for g in grads):  # skipped, as the network's step is
                 grads = [torch.zeros_like(g) for g in grads]
                 self.skipped_steps += 1
-            new_u, new_v = u - self.lr_u * grads[0], v - self.lr_v * grads[1]
+            new_u, new_v = torch.add(u, grads[0], alpha=-self.lr_u), torch.add(v, grads[1], alpha=-self.lr_v)
         self._recorder.add(context.index, torch.cat([new_u[:, None], new_v], dim=1))
         self._batch = self._terms = None
 
