@@ -9,7 +9,9 @@ progress bar and no validation: only training epochs are timed, from ``on_train_
 training batch). The first epoch of every fit is a warm-up and is not counted. The configurations
 take turns (plain, label correction, monitor, plain, ...) for ``--repeats`` rounds so that load
 from elsewhere on the machine affects them alike. Prints the median seconds per epoch of each and
-its ratio to ``plain``.
+its ratio to ``plain``; and, since the machine's speed drifts from minute to minute, the ratio within
+each round (median epoch of the configuration over median epoch of its baseline in the same round):
+their median and range.
 
     .venv/bin/python benchmarks/overhead.py                       # 50,000 samples: 40,000 for training
     .venv/bin/python benchmarks/overhead.py --num-samples 5000 --epochs 2 --repeats 1   # a quick check
@@ -149,11 +151,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
     times: dict[str, list[float]] = {name: [] for name in chosen}
+    round_medians: dict[str, list[float]] = {name: [] for name in chosen}
     num_train = 0
     for round_ in range(args.repeats):
         for name, (make_callbacks, num_outputs, _) in chosen.items():
             epoch_times, num_train = time_epochs(make_callbacks(), args.num_samples, args.epochs, num_outputs)
             times[name] += epoch_times
+            round_medians[name].append(statistics.median(epoch_times))
             print(f"round {round_ + 1}/{args.repeats} {name}: " + ", ".join(f"{t:.2f}" for t in epoch_times) + " s")
 
     print(
@@ -163,9 +167,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = []
     for name, values in times.items():
         median, baseline = statistics.median(values), VARIANTS[name][2]
-        ratio = "—" if name == baseline else f"{median / statistics.median(times[baseline]):.3f}"
-        rows.append([name, len(values), f"{median:.3f}", baseline, ratio])
-    print(markdown_table(["configuration", "epochs timed", "median s/epoch", "baseline", "ratio"], rows))
+        ratio = within = "—"
+        if name != baseline:
+            ratio = f"{median / statistics.median(times[baseline]):.3f}"
+            paired = [a / b for a, b in zip(round_medians[name], round_medians[baseline])]
+            within = f"{statistics.median(paired):.3f} ({min(paired):.3f}-{max(paired):.3f})"
+        rows.append([name, len(values), f"{median:.3f}", baseline, ratio, within])
+    print(markdown_table(["configuration", "epochs timed", "median s/epoch", "baseline", "ratio",
+                          "ratio within a round: median (range)"], rows))
 
 
 if __name__ == "__main__":
