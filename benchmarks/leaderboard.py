@@ -6,7 +6,7 @@
     .venv/bin/python benchmarks/leaderboard.py --methods CE ProMix --seeds 0 \\
         --override=--trainer.max_epochs=3                             # a quick check that it runs
 
-Every method runs its own ``configs/mnist1d_*.yaml`` (100 epochs) with only the noise changed (and the
+Every method runs its own ``configs/mnist1d_*.yaml`` (100 epochs; SOP+ 200) with only the noise changed (and the
 per-setting values of :func:`setting_overrides`). The seed seeds both the run
 and the label noise; figures are mean ± std over the seeds, in %. Finished runs are kept under ``--cache`` and
 reused by a rerun of the same code, so the grid can be extended a piece at a time.
