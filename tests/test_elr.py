@@ -88,6 +88,20 @@ def test_start_epoch_delays_the_term_not_the_ensemble() -> None:
     torch.testing.assert_close(callback.local_targets()[1], _expected(2, 0.5)[1], rtol=0, atol=1e-7)
 
 
+class SkipsEpochZero(ScriptedClassifier):
+    """Returns no loss in epoch 0 (Lightning then skips the backward pass and the optimiser step)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        loss = super().training_step(batch, batch_idx)
+        return None if self.current_epoch == 0 else loss
+
+
+def test_a_step_without_a_loss_still_records_its_predictions() -> None:
+    callback = ELRCallback(beta=0.5, weight=2.0)  # no loss in epoch 0, so no term: the record comes from the logits
+    trainer(max_epochs=2, callbacks=[callback]).fit(SkipsEpochZero(), DataLoader(scripted_data(), batch_size=10))
+    torch.testing.assert_close(callback.local_targets()[1], _expected(2, 0.5)[1], rtol=0, atol=1e-7)
+
+
 def test_resume_from_an_epoch_boundary_continues_the_ensemble(tmp_path: Path) -> None:
     def run(max_epochs: int, ckpt: Path | None = None) -> tuple[ELRCallback, ScriptedClassifier]:
         callback, model = ELRCallback(beta=0.6), ScriptedClassifier()
