@@ -102,12 +102,14 @@ class EpochTimer(Callback):
 
 
 def time_epochs(
-    callbacks: list[Callback], num_samples: int, epochs: int, num_outputs: int = 10, seed: int = 0
+    callbacks: list[Callback], num_samples: int, epochs: int, num_outputs: int = 10, seed: int = 0,
+    batch_size: int = 128,
 ) -> tuple[list[float], int]:
     """Seconds of each training epoch after the first, for one fit with ``callbacks``; and the training set size."""
     pl.seed_everything(seed, verbose=False)
     datamodule = MNIST1DDataModule(
-        num_samples=num_samples, train_split=0.8, noise_type="symmetric", noise_rate=0.4, noise_seed=seed
+        num_samples=num_samples, train_split=0.8, noise_type="symmetric", noise_rate=0.4, noise_seed=seed,
+        batch_size=batch_size,
     )
     model = NoisyClassifier(backbone="cnn1d", num_classes=num_outputs, optimizer="sgd", lr=0.1)
     timer = EpochTimer()
@@ -131,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-samples", type=int, default=50_000, help="MNIST-1D samples, train + test")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per fit; the first is not timed")
+    parser.add_argument("--batch-size", type=int, default=128, help="training batch size (the callbacks' work "
+                        "is mostly per step, so a larger batch spreads it over more samples)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of fits, each configuration once per round")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
@@ -140,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> None:
               if name in args.variants or name in {VARIANTS[v][2] for v in args.variants}}
     if args.epochs < 2:
         parser.error(f"--epochs must be >= 2 (the first epoch is a warm-up), got {args.epochs}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads is not None:
@@ -155,13 +161,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     num_train = 0
     for round_ in range(args.repeats):
         for name, (make_callbacks, num_outputs, _) in chosen.items():
-            epoch_times, num_train = time_epochs(make_callbacks(), args.num_samples, args.epochs, num_outputs)
+            epoch_times, num_train = time_epochs(make_callbacks(), args.num_samples, args.epochs, num_outputs,
+                                                 batch_size=args.batch_size)
             times[name] += epoch_times
             round_medians[name].append(statistics.median(epoch_times))
             print(f"round {round_ + 1}/{args.repeats} {name}: " + ", ".join(f"{t:.2f}" for t in epoch_times) + " s")
 
     print(
-        f"\nMNIST-1D, {num_train} training samples, {args.epochs} epochs per fit (first not timed),"
+        f"\nMNIST-1D, {num_train} training samples, batch size {args.batch_size}, {args.epochs} epochs per fit"
+        " (first not timed),"
         f" {args.repeats} round(s); torch {torch.__version__}, {torch.get_num_threads()} thread(s)\n"
     )
     rows = []
