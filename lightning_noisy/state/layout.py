@@ -74,7 +74,3 @@ class RowLayout:
     def owner(self, index: Tensor) -> Tensor:
         """``[M]`` int64 owning rank of each sample of ``index [M]``."""
         return torch.bucketize(index.to(torch.long), self.offsets[1:].to(index.device), right=True)
-
-    def owns(self, index: Tensor) -> bool:
-        """Whether every sample of ``index`` is in this rank's block."""
-        return index.numel() == 0 or (int(index.min()) >= self.start and int(index.max()) < self.stop)
