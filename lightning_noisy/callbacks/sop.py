@@ -220,12 +220,12 @@ class SOPCallback(SampleStateCallback):
             )
         u, v = self._batch
         with torch.no_grad():  # one plain SGD step of the batch's own parameters, on the unscaled gradients
-            scaled = self._grad_scale != 1.0  # only a scaled float16 step can overflow; checking costs a host sync
-            grads = [torch.zeros_like(t) if t.grad is None else t.grad / self._grad_scale if scaled else t.grad
-                     for t in (u, v)]
-            if scaled and not all(bool(torch.isfinite(g).all()) for g in grads):  # skipped, as the network's step is
-                grads = [torch.zeros_like(g) for g in grads]
-                self.skipped_steps += 1
+            grads = [torch.zeros_like(t) if t.grad is None else t.grad for t in (u, v)]
+            if self._grad_scale != 1.0:  # only a scaled float16 step can overflow; checking costs a host sync
+                grads = [g / self._grad_scale for g in grads]
+                if not all(bool(torch.isfinite(g).all()) for g in grads):  # skipped, as the network's step is
+                    grads = [torch.zeros_like(g) for g in grads]
+                    self.skipped_steps += 1
             new_u, new_v = torch.add(u, grads[0], alpha=-self.lr_u), torch.add(v, grads[1], alpha=-self.lr_v)
         self._recorder.add(context.index, torch.cat([new_u[:, None], new_v], dim=1))
         self._batch = self._terms = None
