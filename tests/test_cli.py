@@ -106,6 +106,9 @@ SHORT_METHOD_RUNS = {
     "mnist1d_self_learning.yaml": (["--model.init_args.warmup_epochs=1"], "noisy/pseudo_label_recovery"),
     "mnist1d_feature_mixup.yaml": ([], "train/loss_mix"),
     "mnist1d_dividemix.yaml": (["--model.init_args.warmup_epochs=1"], "noisy/codivide_auroc"),
+    "mnist1d_dividemix_fixmatch.yaml": (
+        ["--model.init_args.warmup_epochs=1", "--model.init_args.fixmatch_threshold=0.2"], "noisy/fixmatch_mask_rate",
+    ),
     "mnist1d_elr.yaml": ([], "noisy/elr_target_acc"),
     "mnist1d_sop.yaml": ([], "noisy/sop_noise_auroc"),
     "mnist1d_sop_plus.yaml": ([], "noisy/sop_noise_auroc"),
@@ -131,3 +134,18 @@ def test_every_shipped_config_parses(config: str, capsys: pytest.CaptureFixture[
         main(["fit", "--config", str(CONFIGS / config), "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "class_path" in capsys.readouterr().out
+
+
+def test_cifar_fixmatch_config_builds_the_randaugment_cutout_strong_view(tmp_path: Path) -> None:
+    from lightning_noisy.augment import RandAugmentCutout
+    from lightning_noisy.cli import build_cli
+    from lightning_noisy.data.datamodules import CIFAR_STATS
+    from lightning_noisy.methods.semi_supervised import FixMatchStage
+
+    cli = build_cli(["--config", str(CONFIGS / "cifar10_dividemix_fixmatch.yaml"), "--trainer.accelerator=cpu",
+                     "--trainer.devices=1", "--trainer.precision=32-true", f"--trainer.default_root_dir={tmp_path}",
+                     f"--data.init_args.root={tmp_path}"], run=False)
+    strong = cli.model.strong_augment
+    assert isinstance(strong, RandAugmentCutout) and isinstance(cli.model.stage, FixMatchStage)
+    assert (strong.mean, strong.std) == CIFAR_STATS["cifar10"] and cli.model.stage.threshold == 0.95
+    assert strong(torch.zeros(2, 3, 32, 32)).shape == (2, 3, 32, 32)

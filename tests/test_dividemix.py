@@ -12,17 +12,8 @@ import torch.nn.functional as F
 
 from lightning_noisy.callbacks.base import train_eval_loader
 from lightning_noisy.callbacks.co_divide import clean_probability, normalise_losses, per_class_clean_probability
-from lightning_noisy.methods.dividemix import (
-    DivideMix,
-    co_guess,
-    co_refine,
-    default_augment,
-    labelled_slice,
-    linear_rampup,
-    mixmatch_lambda,
-    sharpen,
-    uniform_prior_penalty,
-)
+from lightning_noisy.methods.dividemix import DivideMix, default_augment, labelled_slice, linear_rampup, uniform_prior_penalty
+from lightning_noisy.methods.semi_supervised import co_guess, co_refine, mixmatch_lambda, sharpen
 from tests.helpers import SpawnDDPStrategy, trainer
 
 
@@ -194,15 +185,6 @@ def _data(num_samples: int, batch_size: int = 128):
                              noise_rate=0.4, noise_seed=0)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine torch's default threads oversubscribe (52 s vs 7 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_short_mnist1d_run_divides_well(one_thread: None) -> None:
     """40% symmetric noise: after 8 warm-up epochs the co-divide separates clean from noisy samples."""
@@ -267,9 +249,10 @@ class LabelledBatchRecorder(DivideMix):
         self.labelled_sets = [torch.nonzero(peer > self.hparams.p_threshold).flatten().cpu()
                               for peer in (self.prob_b, self.prob_a)]  # network a learns from b's division
 
-    def mixmatch_loss(self, net, peer, x, y, w, x_u, lambda_u, generator):
-        self.batches.append((net is self.net_a, int(x.shape[0]), int(x_u.shape[0]), w.clone()))
-        return super().mixmatch_loss(net, peer, x, y, w, x_u, lambda_u, generator)
+    def semi_supervised_loss(self, net, peer, batch, lambda_u, generator):
+        self.batches.append((net is self.net_a, int(batch.inputs.shape[0]), int(batch.unlabelled.shape[0]),
+                             batch.clean_probability.clone()))
+        return super().semi_supervised_loss(net, peer, batch, lambda_u, generator)
 
 
 @pytest.mark.parametrize("labelled_batch_size", [None, 64])

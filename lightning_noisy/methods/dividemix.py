@@ -4,14 +4,16 @@ Two networks are warmed up with cross-entropy; from then on, at the start of eve
 per-sample losses on the training set are fitted with a two-component GMM (co-divide), giving every sample a
 clean probability. Each network is then trained on the division made by its peer: samples whose clean
 probability exceeds ``p_threshold`` are labelled (targets: co-refined labels), the rest are unlabelled
-(targets: co-guessed from both networks), and the two sets are mixed with MixMatch.
+(targets: co-guessed from both networks), and the two sets are trained by a semi-supervised stage: MixMatch
+as in the paper, or FixMatch (:mod:`lightning_noisy.methods.semi_supervised`). This file holds the division and
+the schedule; the stages live there.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -21,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 from typing_extensions import override
 
-from lightning_noisy.augment import default_augment, step_generator
+from lightning_noisy.augment import BatchAugment, check_augment, default_augment, step_generator, strong_augment
 from lightning_noisy.callbacks.base import find_training_labels, log_epoch, train_eval_loader, training_dataset
 from lightning_noisy.callbacks.co_divide import (
     DEFAULT_MAX_FIT_SAMPLES,
@@ -32,7 +34,6 @@ from lightning_noisy.callbacks.co_divide import (
     per_sample_cross_entropy,
 )
 from lightning_noisy.losses._targets import check_finite_non_negative, check_finite_positive
-from lightning_noisy.losses.mixup import sample_mixup_lambda
 from lightning_noisy.losses.regularizers import entropy_loss, prior_loss
 from lightning_noisy.methods.classifier import (
     HeldOutAccuracy,
@@ -44,93 +45,23 @@ from lightning_noisy.methods.classifier import (
     step_schedules,
     two_network_optimizers,
 )
+from lightning_noisy.methods.semi_supervised import (
+    DividedBatch,
+    FixMatchStage,
+    MixMatchStage,
+    SemiSupervisedStage,
+    StageResult,
+)
 from lightning_noisy.models import build_backbone
 from lightning_noisy.seeding import stream_generator
 from lightning_noisy.state import BatchContract
 
-__all__ = [
-    "DivideMix",
-    "co_guess",
-    "co_refine",
-    "default_augment",
-    "labelled_slice",
-    "linear_rampup",
-    "mixmatch_lambda",
-    "sharpen",
-    "uniform_prior_penalty",
-]
+__all__ = ["DivideMix", "default_augment", "labelled_slice", "linear_rampup", "uniform_prior_penalty"]
+
+SemiSupervised = Literal["mixmatch", "fixmatch"]
 
 
 # ---------------------------------------------------------------------------------------------- pure functions
-def _check_probs(name: str, p: Tensor) -> None:
-    if not isinstance(p, Tensor) or p.ndim != 2 or not p.is_floating_point():
-        got = f"shape {tuple(p.shape)}, dtype {p.dtype}" if isinstance(p, Tensor) else repr(p)
-        raise ValueError(f"{name} must be a floating tensor [B, C], got {got}")
-
-
-def sharpen(p: Tensor, temperature: float) -> Tensor:
-    """Temperature sharpening of MixMatch: ``p^(1/T) / sum_c p_c^(1/T)`` row-wise.
-
-    Args:
-        p: ``[B, C]`` non-negative scores (probabilities).
-        temperature: ``T > 0``; ``T < 1`` sharpens, ``T = 1`` only renormalises.
-
-    Returns:
-        ``[B, C]`` rows summing to 1, in the dtype of ``p``.
-    """
-    temperature = check_finite_positive("temperature", temperature)
-    _check_probs("p", p)
-    powered = p.clamp_min(0) ** (1.0 / temperature)
-    return powered / powered.sum(dim=1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
-
-
-def mixmatch_lambda(alpha: float, generator: torch.Generator | None = None) -> float:
-    """``l = max(l, 1 - l)`` with ``l ~ Beta(alpha, alpha)`` (MixMatch / DivideMix): always ``>= 0.5``."""
-    lam = sample_mixup_lambda(alpha, generator)
-    return max(lam, 1.0 - lam)
-
-
-def co_refine(labels_onehot: Tensor, probs_mean: Tensor, w: Tensor, temperature: float = 0.5) -> Tensor:
-    """Label co-refinement (DivideMix Eq. 3-4): ``sharpen(w y + (1 - w) p, T)``.
-
-    Args:
-        labels_onehot: ``[B, C]`` one-hot (noisy) labels of the labelled samples.
-        probs_mean: ``[B, C]`` the trained network's softmax averaged over the two augmentations.
-        w: ``[B]`` clean probabilities of the samples, from the peer network's division.
-        temperature: sharpening temperature ``T``.
-    """
-    _check_probs("labels_onehot", labels_onehot)
-    if probs_mean.shape != labels_onehot.shape:
-        raise ValueError(
-            f"probs_mean must have the shape of labels_onehot {tuple(labels_onehot.shape)}, got {tuple(probs_mean.shape)}"
-        )
-    if not isinstance(w, Tensor) or w.shape != labels_onehot.shape[:1]:
-        got = tuple(w.shape) if isinstance(w, Tensor) else repr(w)
-        raise ValueError(f"w must be a tensor [B] = [{labels_onehot.shape[0]}], got {got}")
-    w = w.to(probs_mean.dtype)[:, None]
-    return sharpen(w * labels_onehot.to(probs_mean.dtype) + (1.0 - w) * probs_mean, temperature)
-
-
-def co_guess(p_net: Tensor, p_peer: Tensor, temperature: float = 0.5) -> Tensor:
-    """Label co-guessing (DivideMix Sec. 3.3): sharpen the mean softmax of both networks over both augmentations.
-
-    Args:
-        p_net: ``[2, B, C]`` softmax of the trained network on the two augmentations.
-        p_peer: ``[2, B, C]`` softmax of the peer network on the same two augmentations.
-        temperature: sharpening temperature ``T``.
-
-    Returns:
-        ``[B, C]`` sharpened guesses.
-    """
-    if not isinstance(p_net, Tensor) or p_net.ndim != 3 or p_net.shape[0] != 2 or not p_net.is_floating_point():
-        got = tuple(p_net.shape) if isinstance(p_net, Tensor) else repr(p_net)
-        raise ValueError(f"p_net must be a floating tensor [2, B, C], got {got}")
-    if not isinstance(p_peer, Tensor) or p_peer.shape != p_net.shape:
-        got = tuple(p_peer.shape) if isinstance(p_peer, Tensor) else repr(p_peer)
-        raise ValueError(f"p_peer must have the shape of p_net {tuple(p_net.shape)}, got {got}")
-    return sharpen(torch.cat([p_net, p_peer.to(p_net.dtype)]).mean(dim=0), temperature)
-
-
 def linear_rampup(epoch_progress: float, warmup: float, lambda_u: float, rampup_length: float = 16) -> float:
     """Weight of the unlabelled loss, as in the reference code: ``lambda_u * clip((t - warmup) / L, 0, 1)``.
 
@@ -205,8 +136,8 @@ class DivideMix(HeldOutAccuracy):
     its share of the batches and the losses are gathered, so the divisions are identical on all ranks and
     equal to a one-process run's. The divisions are registered buffers ``[N]``, so checkpoints hold them.
 
-    *MixMatch training* (after warm-up): as the reference code's labelled loader, each network makes one
-    pass per epoch over the samples its peer's division labels (``prob_peer > p_threshold``), in an order
+    *Semi-supervised training* (after warm-up): as the reference code's labelled loader, each network makes
+    one pass per epoch over the samples its peer's division labels (``prob_peer > p_threshold``), in an order
     drawn per epoch (the same on every rank), in labelled batches of ``B`` samples (``labelled_batch_size``,
     by default half the training loader's batch size, see there): the step ``batch_idx`` of rank ``r``
     takes positions ``(batch_idx * world + r) * B`` onwards (:func:`labelled_slice`). Each labelled
@@ -214,13 +145,18 @@ class DivideMix(HeldOutAccuracy):
     from the training dataset (its transform applied). Once a network's labelled pass is over, the
     remaining steps of the epoch leave it alone (its optimiser does not step, so neither momentum nor
     weight decay moves it), so a small labelled set means few steps, not small batches. The training
-    loader's own batches only clock these steps. Each sample gets two augmentations; labelled targets are
-    co-refined (:func:`co_refine` with ``w = prob_peer``), unlabelled ones co-guessed (:func:`co_guess`,
-    the peer in eval mode). All inputs and targets are concatenated and mixed with a random permutation of
-    themselves (``l = max(l, 1 - l)``, ``l ~ Beta(alpha, alpha)``); the loss is the soft cross-entropy on
-    the labelled part, plus ``linear_rampup(...)`` times the mean squared error between softmax and
-    targets on the unlabelled part, plus the uniform-prior penalty on the whole mixed batch; an empty
-    unlabelled set drops its term. Network a is trained with network b's division and b as co-guessing
+    loader's own batches only clock these steps. The two sets train the network through the stage ``ssl``
+    names, with ``w = prob_peer`` and the unlabelled weight ``linear_rampup(...)``:
+
+    - ``"mixmatch"`` (the paper): :class:`~lightning_noisy.methods.semi_supervised.MixMatchStage`, two
+      augmentations per sample, co-refined and co-guessed targets, everything mixed.
+    - ``"fixmatch"``: :class:`~lightning_noisy.methods.semi_supervised.FixMatchStage`, labelled samples on
+      a weak view with co-refined targets, unlabelled ones on a strong view towards the pseudo label that
+      both networks co-guess on a weak view, kept where its confidence reaches ``fixmatch_threshold``.
+      Logged: ``noisy/fixmatch_mask_rate`` (kept share of the unlabelled draws) and, with clean labels,
+      ``noisy/pseudo_label_acc`` (share of the kept pseudo labels that are the true label).
+
+    Network a is trained with network b's division and b as co-guessing
     peer, and vice versa: both losses are computed from the networks as they are at the start of the
     step and backpropagated together (disjoint graphs); a network without a labelled batch on this rank
     gets a zero loss that keeps its graph, since DDP expects a backward pass after every forward. When a
@@ -251,10 +187,16 @@ class DivideMix(HeldOutAccuracy):
         rampup_length: epochs of the linear ramp of ``lambda_u`` after warm-up (reference code: 16).
         temperature: sharpening temperature ``T`` (paper: 0.5).
         alpha: Beta parameter of MixMatch (paper: 4).
+        ssl: the semi-supervised stage, ``"mixmatch"`` (the paper) or ``"fixmatch"`` (see above).
+        fixmatch_threshold: ``tau``, the confidence a FixMatch pseudo label needs (FixMatch: 0.95).
         penalty_weight: weight of the warm-up confidence penalty (negative entropy); paper: 1 for asymmetric
             noise, none otherwise.
-        augment: ``Callable[[Tensor], Tensor]`` applied to a training batch to get one random augmentation;
-            ``None`` uses :func:`default_augment` (noise and a small shift, a generic default).
+        augment: ``Callable[[Tensor], Tensor]`` applied to a training batch to get one random (weak)
+            augmentation; ``None`` uses :func:`default_augment` (noise and a small shift, a generic default).
+        strong_augment: the strong view of FixMatch, ``Callable[[Tensor], Tensor]`` on a training batch; a
+            config names a :class:`~lightning_noisy.augment.BatchAugment` by ``class_path`` (for images
+            :class:`~lightning_noisy.augment.RandAugmentCutout`, FixMatch's); ``None`` uses
+            :func:`~lightning_noisy.augment.strong_augment`.
         augment_noise_std: noise of :func:`default_augment`, in multiples of each sample's std (>= 0).
         augment_max_shift: largest circular shift of :func:`default_augment`, in positions (int >= 0).
         augment_max_scale: largest relative change of amplitude of :func:`default_augment` (in [0, 1)).
@@ -293,8 +235,11 @@ class DivideMix(HeldOutAccuracy):
         rampup_length: int = 16,
         temperature: float = 0.5,
         alpha: float = 4.0,
+        ssl: SemiSupervised = "mixmatch",
+        fixmatch_threshold: float = 0.95,
         penalty_weight: float = 0.0,
         augment: Callable[[Tensor], Tensor] | None = None,
+        strong_augment: BatchAugment | Callable[[Tensor], Tensor] | None = None,
         augment_noise_std: float = 0.05,
         augment_max_shift: int = 2,
         augment_max_scale: float = 0.0,
@@ -315,7 +260,7 @@ class DivideMix(HeldOutAccuracy):
         gamma: float = 0.1,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["augment"])
+        self.save_hyperparameters(ignore=["augment", "strong_augment"])
         self.automatic_optimization = False
         milestones = list(milestones or [])
         check_optimisation_args(optimizer, lr, momentum, weight_decay, scheduler, milestones, gamma)
@@ -335,8 +280,10 @@ class DivideMix(HeldOutAccuracy):
         check_finite_positive("alpha", alpha)
         if isinstance(penalty_weight, bool) or not isinstance(penalty_weight, (int, float)) or not penalty_weight >= 0:
             raise ValueError(f"penalty_weight must be a number >= 0, got {penalty_weight!r}")
-        if augment is not None and not callable(augment):
-            raise ValueError(f"augment must be a callable Tensor -> Tensor or None, got {augment!r}")
+        check_augment("augment", augment)
+        check_augment("strong_augment", strong_augment)
+        if ssl not in ("mixmatch", "fixmatch"):
+            raise ValueError(f"ssl must be 'mixmatch' or 'fixmatch', got {ssl!r}")
         check_finite_non_negative("augment_noise_std", augment_noise_std)
         if (isinstance(augment_max_scale, bool) or not isinstance(augment_max_scale, (int, float))
                 or not 0 <= augment_max_scale < 1):
@@ -353,7 +300,11 @@ class DivideMix(HeldOutAccuracy):
         if not isinstance(divide_per_class, bool):
             raise ValueError(f"divide_per_class must be a bool, got {divide_per_class!r}")
         self.num_classes = int(num_classes)
-        self.augment = augment
+        self.augment, self.strong_augment = augment, strong_augment
+        self.stage: SemiSupervisedStage = (
+            MixMatchStage(self._augment, self.num_classes, temperature, alpha) if ssl == "mixmatch"
+            else FixMatchStage(self._augment, self._strong_augment, self.num_classes, temperature, fixmatch_threshold)
+        )
         kwargs = backbone_kwargs or {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -368,6 +319,8 @@ class DivideMix(HeldOutAccuracy):
         self.register_buffer("loss_history", torch.zeros(0))
         self.register_buffer("divide_count", torch.zeros((), dtype=torch.long))
         self._is_clean: Tensor | None = None
+        self._clean_labels: Tensor | None = None  # [N] on the CPU, only to measure pseudo labels
+        self._stage_counts: dict[str, Tensor] = {}  # this epoch's sums of the stage's counts
         # per network (a, b), as CPU dataset indices: the labelled set in this epoch's order, the unlabelled set
         self._labelled_orders: tuple[Tensor, Tensor] = (torch.zeros(0, dtype=torch.long),) * 2
         self._unlabelled_pools: tuple[Tensor, Tensor] = (torch.zeros(0, dtype=torch.long),) * 2
@@ -400,6 +353,7 @@ class DivideMix(HeldOutAccuracy):
             self.loss_history = torch.zeros(history_shape, device="cpu")
             self.divide_count.zero_()
         self._is_clean = None if labels.clean is None else (labels.clean == labels.noisy).to(self.device)
+        self._clean_labels = None if labels.clean is None else labels.clean.cpu()
         self._noisy_labels = labels.noisy.cpu()
 
     @property
@@ -469,54 +423,14 @@ class DivideMix(HeldOutAccuracy):
         return default_augment(x, generator, noise_std=float(hp.augment_noise_std), max_shift=int(hp.augment_max_shift),
                                max_scale=float(hp.augment_max_scale), max_trend=float(hp.augment_max_trend))
 
-    def mixmatch_loss(
-        self,
-        net: nn.Module,
-        peer: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        w: Tensor,
-        x_u: Tensor,
-        lambda_u: float,
-        generator: torch.Generator | None,
-    ) -> Tensor:
-        """MixMatch loss of ``net`` on labelled samples ``x [L, ...]`` and unlabelled samples ``x_u [U, ...]``.
+    def _strong_augment(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        return self.strong_augment(x) if self.strong_augment is not None else strong_augment(x, generator)
 
-        ``y [L]`` are the noisy labels and ``w [L]`` the peer's clean probabilities of the labelled samples.
-        Returns the scalar loss.
-        """
-        hp = self.hparams
-        x1, x2 = self._augment(x, generator), self._augment(x, generator)
-        u1, u2 = self._augment(x_u, generator), self._augment(x_u, generator)
-        with torch.no_grad():
-            p = (torch.softmax(net(x1).float(), 1) + torch.softmax(net(x2).float(), 1)) / 2
-            targets_x = co_refine(F.one_hot(y, self.num_classes).float(), p, w.float(), hp.temperature)
-            if x_u.shape[0] > 0:
-                own = torch.stack([torch.softmax(net(u1).float(), 1), torch.softmax(net(u2).float(), 1)])
-                peer_was_training = peer.training
-                peer.eval()
-                try:
-                    guesses = torch.stack([torch.softmax(peer(u1).float(), 1), torch.softmax(peer(u2).float(), 1)])
-                finally:
-                    peer.train(peer_was_training)
-                targets_u = co_guess(own, guesses, hp.temperature)
-            else:
-                targets_u = targets_x[:0]
-        n_x, n_u = int(x.shape[0]), int(x_u.shape[0])
-        inputs = torch.cat([x1, x2, u1, u2])
-        targets = torch.cat([targets_x, targets_x, targets_u, targets_u])
-        lam = mixmatch_lambda(hp.alpha, generator)
-        device = generator.device if generator is not None else inputs.device
-        perm = torch.randperm(inputs.shape[0], generator=generator, device=device).to(inputs.device)
-        mixed_input = lam * inputs + (1 - lam) * inputs[perm]
-        mixed_target = lam * targets + (1 - lam) * targets[perm]
-        logits = net(mixed_input).float()
-        loss = uniform_prior_penalty(logits)
-        if n_x > 0:
-            loss = loss - (torch.log_softmax(logits[: 2 * n_x], 1) * mixed_target[: 2 * n_x]).sum(1).mean()
-        if n_u > 0:
-            loss = loss + lambda_u * ((torch.softmax(logits[2 * n_x:], 1) - mixed_target[2 * n_x:]) ** 2).mean()
-        return loss
+    def semi_supervised_loss(
+        self, net: nn.Module, peer: nn.Module, batch: DividedBatch, lambda_u: float, generator: torch.Generator | None,
+    ) -> StageResult:
+        """The stage's loss of ``net`` on its labelled and unlabelled samples, ``peer`` guessing with it."""
+        return self.stage.loss(net, peer, batch, lambda_u, generator)
 
     def fetch_inputs(self, indices: Tensor) -> Tensor:
         """``[len(indices), ...]`` training inputs of the dataset indices ``indices``, on the module's device.
@@ -531,15 +445,12 @@ class DivideMix(HeldOutAccuracy):
         return default_collate([item[0] for item in items]).to(self.device)
 
     def draw_unlabelled(self, pool: Tensor, count: int, generator: torch.Generator | None) -> Tensor:
-        """``[count, ...]`` training inputs drawn with replacement from the dataset indices ``pool [U]``.
-
-        An empty batch when the pool is empty.
-        """
+        """``[count]`` dataset indices drawn with replacement from ``pool [U]``; none when the pool is empty."""
         if pool.numel() == 0 or count == 0:
             count = 0
         device = generator.device if generator is not None else torch.device("cpu")
         draw = torch.randint(max(pool.numel(), 1), (count,), generator=generator, device=device).cpu()
-        return self.fetch_inputs(pool[draw])
+        return pool[draw] if count else pool[:0]
 
     def labelled_batch_size(self, x: Tensor, labelled: int) -> int:
         """The per-rank labelled batch size for ``labelled`` samples; the same on every rank.
@@ -597,10 +508,14 @@ class DivideMix(HeldOutAccuracy):
                 if chosen.numel() == 0:  # the pass is over, or this rank's share is: a zero loss whose backward
                     losses.append(0.0 * net(x[:1]).sum())  # still runs, as DDP expects after every forward
                     continue
-                x_u = self.draw_unlabelled(pool, chosen.numel(), generator)
-                losses.append(self.mixmatch_loss(net, peer, self.fetch_inputs(chosen),
-                                                 self._noisy_labels[chosen].to(self.device),
-                                                 prob[chosen.to(prob.device)], x_u, lambda_u, generator))
+                drawn = self.draw_unlabelled(pool, chosen.numel(), generator)
+                clean = None if self._clean_labels is None else self._clean_labels[drawn].to(self.device)
+                x_u = self.fetch_inputs(drawn)  # (before the labelled inputs: a transform's draws come in that order)
+                divided = DividedBatch(self.fetch_inputs(chosen), self._noisy_labels[chosen].to(self.device),
+                                       prob[chosen.to(prob.device)], x_u, clean)
+                result = self.semi_supervised_loss(net, peer, divided, lambda_u, generator)
+                losses.append(result.loss)
+                self._add_stage_counts(result)
             loss_a, loss_b = losses
             logits_a = None
             if BatchContract.current_index(self) is not None:  # a callback on the batch contract reads logits
@@ -620,8 +535,36 @@ class DivideMix(HeldOutAccuracy):
         out = {"loss": (loss_a + loss_b).detach()}
         return out if logits_a is None else {**out, "logits": logits_a}
 
+    def _add_stage_counts(self, result: StageResult) -> None:
+        for key in self.stage.count_keys:
+            value = result.counts[key].detach()
+            self._stage_counts[key] = value if key not in self._stage_counts else self._stage_counts[key] + value
+
+    def _log_stage_counts(self) -> dict[str, float]:
+        """Log the epoch's FixMatch mask rate and pseudo-label accuracy, from the counts summed over the ranks
+        (a collective under DDP); returns what was logged."""
+        if not self.stage.count_keys:
+            return {}
+        sums = torch.stack([self._stage_counts.get(k, torch.zeros((), device=self.device)).to(self.device).float()
+                            for k in self.stage.count_keys])
+        self._stage_counts = {}
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        totals = dict(zip(self.stage.count_keys, sums.cpu().tolist()))
+        unlabelled, kept, correct = (totals.get(key, 0.0) for key in ("unlabelled", "kept", "kept_correct"))
+        logged = {}
+        if unlabelled > 0:
+            logged["noisy/fixmatch_mask_rate"] = kept / unlabelled
+        if self._clean_labels is not None and kept > 0:
+            logged["noisy/pseudo_label_acc"] = correct / kept
+        for key, value in logged.items():
+            log_epoch(self, key, value)
+        return logged
+
     @override
     def on_train_epoch_end(self) -> None:
+        if not self.in_warmup:
+            self._log_stage_counts()
         step_schedules(self)
 
     # ------------------------------------------------------------------ optimisation

@@ -28,7 +28,7 @@ from lightning_noisy.methods.classifier import (
     step_schedules,
     two_network_optimizers,
 )
-from lightning_noisy.methods.dividemix import mixmatch_lambda
+from lightning_noisy.methods.semi_supervised import mixmatch_lambda
 from lightning_noisy.models import build_backbone
 from lightning_noisy.state import StepContext
 from lightning_noisy.state.storage import StorageDtype

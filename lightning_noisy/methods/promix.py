@@ -26,7 +26,8 @@ from lightning_noisy.methods.classifier import (
     resize_sample_buffers,
     split_batch,
 )
-from lightning_noisy.methods.dividemix import eval_mode_losses, mixmatch_lambda, sharpen
+from lightning_noisy.methods.dividemix import eval_mode_losses
+from lightning_noisy.methods.semi_supervised import mixmatch_lambda, sharpen
 from lightning_noisy.models import build_backbone
 
 __all__ = ["ProMix", "class_wise_small_loss", "debiased_logits", "linear_ramp", "masked_mean"]
