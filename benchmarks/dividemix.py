@@ -38,6 +38,7 @@ METHODS: dict[str, str] = {
     "CE": "configs/mnist1d_ce.yaml",
     "Joint Optimization": "configs/mnist1d_joint_optimization.yaml",
     "DivideMix": "configs/mnist1d_dividemix.yaml",
+    "DivideMix + FixMatch": "configs/mnist1d_dividemix_fixmatch.yaml",
     "SelfLearning": "configs/mnist1d_self_learning.yaml",
     "FeatureMixup": "configs/mnist1d_feature_mixup.yaml",
 }
@@ -85,9 +86,20 @@ def label(kind: str, rate: float) -> str:
     return f"{short} {rate:.0%}"
 
 
+def fixmatch_overrides(kind: str, rate: float) -> list[str]:
+    """DivideMix's per-setting division values for its FixMatch stage: ``p_threshold``, the loss average and the
+    warm-up penalty of :func:`dividemix_settings`, but not its ``lambda_u`` (the weight of MixMatch's squared
+    error); the stage keeps FixMatch's weight 1 everywhere, its threshold deciding what is trained on."""
+    settings = dividemix_settings(kind, rate)
+    settings.pop("lambda_u")
+    return [f"--model.init_args.{name}={value}" for name, value in settings.items()]
+
+
 def method_overrides(method: str, kind: str, rate: float) -> list[str]:
-    """DivideMix's per-setting values (:func:`dividemix_overrides`); none for the other methods."""
-    return dividemix_overrides(kind, rate) if method == "DivideMix" else []
+    """DivideMix's per-setting values (:func:`dividemix_overrides`, :func:`fixmatch_overrides`); none for the others."""
+    if method == "DivideMix":
+        return dividemix_overrides(kind, rate)
+    return fixmatch_overrides(kind, rate) if method == "DivideMix + FixMatch" else []
 
 
 def run_accuracy(
@@ -108,8 +120,9 @@ def run_accuracy(
     return results
 
 
-def last_auroc(run: RunResult) -> float:
-    values = [row["noisy/codivide_auroc"] for row in run.history if "noisy/codivide_auroc" in row]
+def last_value(run: RunResult, key: str = "noisy/codivide_auroc") -> float:
+    """The last epoch's value of a logged metric (NaN if it was never logged)."""
+    values = [row[key] for row in run.history if key in row]
     return values[-1] if values else math.nan
 
 
@@ -123,17 +136,19 @@ def accuracy_tables(
         rows = []
         for method in methods:
             cells = [mean_spread(getattr(r, field) for r in results[(method, s)]) for s in settings]
-            if field == "last_acc" and method == "DivideMix":
+            if field == "last_acc" and method.startswith("DivideMix"):
                 gaps = [mean_spread(r.best_acc - r.last_acc for r in results[(method, s)]) for s in settings]
                 rows.append([method, *cells])
-                rows.append(["DivideMix best - last", *gaps])
+                rows.append([f"{method} best - last", *gaps])
                 continue
             rows.append([method, *cells])
         parts += [title + ":", "", markdown_table(header, rows), ""]
-    if "DivideMix" in methods:
-        auroc = [mean_spread(last_auroc(r) for r in results[("DivideMix", s)]) for s in settings]
-        parts += ["DivideMix co-divide AUROC at the last epoch (%):", "",
-                  markdown_table(header, [["DivideMix", *auroc]]), ""]
+    for key, title in (("noisy/codivide_auroc", "co-divide AUROC"), ("noisy/fixmatch_mask_rate", "FixMatch mask rate"),
+                       ("noisy/pseudo_label_acc", "accuracy of the kept FixMatch pseudo labels")):
+        rows = [[method, *(mean_spread(last_value(r, key) for r in results[(method, s)]) for s in settings)]
+                for method in methods if any(key in row for r in results[(method, settings[0])] for row in r.history)]
+        if rows:
+            parts += [f"{title[0].upper()}{title[1:]} at the last epoch (%):", "", markdown_table(header, rows), ""]
     if "CE" in methods:
         rows = []
         ce = statistics.median(r.epoch_s for s in settings for r in results[("CE", s)])

@@ -11,8 +11,12 @@ training labels equal to the clean label after correction, or for cross-entropy 
 training predictions equal to the clean label. Table 2 analogue: asymmetric noise with the MNIST class
 map (2->7, 3->8, 5<->6, 7->1). Figures (PNG, seed 0): test accuracy per epoch at a high and a low learning
 rate (Fig. 2), training loss per epoch of cross-entropy at several noise rates (Fig. 3), recovery
-accuracy per epoch of the soft, hard and hard-top-k updates (Fig. 4). Writes tables to
+accuracy per epoch of the soft, hard and hard-top-k updates (Fig. 4), and Figs. 5-6 (:func:`label_source_figures`):
+test accuracy and training loss of cross-entropy on ground-truth labels, symmetric noisy labels, pseudo labels
+(a briefly trained network's own predictions) and the labels JO's step 1 updated from each. Writes tables to
 ``<out>/joint_optimization.md``, all runs to ``<out>/joint_optimization.json``.
+
+    .venv/bin/python benchmarks/joint_optimization.py --only-figures-5-6 --out docs/figures   # Figs. 5-6 alone
 """
 
 from __future__ import annotations
@@ -86,6 +90,91 @@ def figures(out: Path, table1: dict[tuple[str, float], list[RunResult]], num_sam
     return files
 
 
+def pseudo_labels(path: Path, epochs: int, num_samples: int) -> float:
+    """Train cross-entropy on the clean labels for ``epochs`` epochs and write its training-set predictions as
+    labels (the file of ``noise_type=file``) to ``path``; returns their noise level (share unequal to the clean)."""
+    import torch
+
+    from lightning_noisy.callbacks.base import train_eval_loader
+    from lightning_noisy.cli import build_cli
+    from lightning_noisy.data.noise import save_corrected_labels
+
+    torch.set_num_threads(1)
+    args = ["--config", CE, "--data.init_args.noise_type=none", f"--data.init_args.num_samples={num_samples}",
+            f"--trainer.max_epochs={epochs}", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.callbacks=[]",
+            "--seed_everything=0"]
+    cli = build_cli(args=args, run=False, save_config_callback=None)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    clean = cli.datamodule.noisy_labels.clone()  # no noise: the given labels are the clean ones
+    predicted = torch.empty_like(clean)
+    cli.model.eval()
+    with torch.no_grad():
+        for x, _, index in train_eval_loader(cli.trainer, "pseudo_labels"):
+            predicted[index] = cli.model(x).argmax(1)
+    save_corrected_labels(path, predicted, clean_labels=clean, num_classes=int(cli.model.hparams.num_classes))
+    return float((predicted != clean).float().mean())
+
+
+def jo_updated_labels(path: Path, overrides: list[str]) -> float:
+    """Run JO's step 1 alone on the labels of ``overrides`` and write its updated labels to ``path``; returns
+    their recovery accuracy (share equal to the clean label)."""
+    import torch
+
+    from lightning_noisy.cli import build_cli
+
+    torch.set_num_threads(1)
+    args = ["--config", JO, *overrides, "--trainer.max_epochs=60", "--trainer.logger=false",  # step 1 only
+            "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", "--seed_everything=0", "--data.init_args.noise_seed=0"]
+    cli = build_cli(args=args, run=False, save_config_callback=None)
+    assert cli.model.step1_epochs == 60, "the JO config's step 1 is expected to last 60 epochs"
+    cli.trainer.fit(cli.model, cli.datamodule)
+    correction = cli.model.label_correction
+    correction.save_labels(path)
+    clean = correction.training_labels.clean
+    return float((correction.labels.argmax(1).cpu() == clean).float().mean())
+
+
+def label_source_figures(out: Path, num_samples: int, jobs: int, pseudo_epochs: int) -> tuple[list[str], str]:
+    """Figs. 5-6 of Tanaka et al.: cross-entropy (lr 0.1, 100 epochs, seed 0) on five label sets.
+
+    Ground truth; pseudo labels (a network trained ``pseudo_epochs`` epochs on the ground truth, its
+    predictions); symmetric noise at the pseudo labels' measured noise level; and the labels JO's step 1
+    (60 epochs) updated from each noisy set. Returns the PNG names and a table of the label sets.
+    """
+    labels = out / "label_sources"
+    labels.mkdir(parents=True, exist_ok=True)
+    pseudo_file, from_pseudo, from_symmetric = (labels / f"{name}.pt" for name in ("pseudo", "jo_pseudo", "jo_symmetric"))
+    pseudo_noise = pseudo_labels(pseudo_file, pseudo_epochs, num_samples)
+    rate = round(pseudo_noise, 2)
+    size = [f"--data.init_args.num_samples={num_samples}"]
+    symmetric = noise_overrides("symmetric", rate) + size
+
+    def from_file(path: Path) -> list[str]:
+        return ["--data.init_args.noise_type=file", f"--data.init_args.noise_file={path}", *size]
+
+    recovered = {"symmetric": jo_updated_labels(from_symmetric, symmetric),
+                 "pseudo": jo_updated_labels(from_pseudo, from_file(pseudo_file))}
+    sources = {
+        "ground truth": ["--data.init_args.noise_type=none", *size],
+        f"symmetric noise ({rate:.0%})": symmetric,
+        f"pseudo labels ({pseudo_noise:.1%} wrong)": from_file(pseudo_file),
+        f"JO-updated from symmetric ({1 - recovered['symmetric']:.1%} wrong)": from_file(from_symmetric),
+        f"JO-updated from pseudo ({1 - recovered['pseudo']:.1%} wrong)": from_file(from_pseudo),
+    }
+    runs = dict(zip(sources, run_many([(CE, o, 0) for o in sources.values()], processes=jobs)))
+    files = ["fig5_label_sources_acc.png", "fig6_label_sources_loss.png"]
+    plot_curves(out / files[0], "Fig. 5: cross-entropy on labels from each source", "test accuracy",
+                {name: series(r, "test/acc") for name, r in runs.items()})
+    plot_curves(out / files[1], "Fig. 6: cross-entropy on labels from each source", "training loss",
+                {name: series(r, "train/loss") for name, r in runs.items()})
+    rows = [[name, f"{100 * r.best_acc:.1f}", f"{100 * r.last_acc:.1f}", f"{series(r, 'train/loss')[-1]:.3f}"]
+            for name, r in runs.items()]
+    table = markdown_table(["labels (CE, seed 0)", "best test acc.", "last test acc.", "last training loss"], rows)
+    return files, table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 0.3, 0.5, 0.7, 0.9])
@@ -96,10 +185,17 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[], help="extra CLI override for every run")
     parser.add_argument("--skip-asymmetric", action="store_true")
     parser.add_argument("--skip-figures", action="store_true")
+    parser.add_argument("--only-figures-5-6", action="store_true", help="only the label-source figures (Figs. 5-6)")
+    parser.add_argument("--pseudo-epochs", type=int, default=3,
+                        help="epochs of the network whose predictions are the pseudo labels of Figs. 5-6")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    if args.only_figures_5_6:
+        files, table = label_source_figures(args.out, args.num_samples, args.jobs, args.pseudo_epochs)
+        print(table + f"\n\nFigures: {', '.join(str(args.out / f) for f in files)}; {time.perf_counter() - start:.0f} s")
+        return
     n_train = int(args.num_samples * 0.8)
     report = [f"MNIST-1D, {n_train} train / {args.num_samples - n_train} test, seeds {args.seeds}, "
               f"test accuracy and recovery in % (mean ± std over seeds)\n"]
@@ -115,7 +211,8 @@ def main() -> None:
         everything.update({f"asymmetric/{m}/{r}": [dataclasses.asdict(x) for x in v] for (m, r), v in table2.items()})
     if not args.skip_figures:
         files = figures(args.out, table1, args.num_samples, args.jobs, args.override)
-        report.append("Figures: " + ", ".join(str(args.out / f) for f in files))
+        more, table = label_source_figures(args.out, args.num_samples, args.jobs, args.pseudo_epochs)
+        report += [table, "", "Figures: " + ", ".join(str(args.out / f) for f in files + more)]
     report.append(f"\nwall time {time.perf_counter() - start:.0f} s")
     print(report[-1])
     (args.out / "joint_optimization.md").write_text("\n".join(report) + "\n")
