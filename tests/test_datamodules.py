@@ -442,3 +442,31 @@ def test_bad_exclude_file_is_rejected(tmp_path: Path, content: torch.Tensor, mes
     assert dm._train is None and dm._noise is None  # nothing half set up
     with pytest.raises(ValueError, match="exclude_file must be an existing file"):
         MNIST1DDataModule(**SMALL, exclude_file=str(tmp_path / "missing.pt"))
+
+
+# -- the clean subset (for methods that learn from a few clean labels, e.g. CNN-CRF) ---------------------
+
+
+def test_clean_subset_is_a_seeded_draw_with_the_true_labels() -> None:
+    dm = fit_setup(MNIST1DDataModule(**SMALL, noise_rate=0.4, noise_seed=3, clean_subset_size=40))
+    index, labels = dm.clean_subset
+    assert index.shape == labels.shape == (40,) and index.dtype == labels.dtype == torch.int64
+    assert torch.equal(index, index.unique()) and 0 <= int(index.min()) and int(index.max()) < dm.noisy_labels.numel()
+    assert torch.equal(labels, dm.clean_labels[index])
+    assert bool((dm.noisy_labels[index] != labels).any())  # the subset keeps its noisy labels for training
+    again = fit_setup(MNIST1DDataModule(**SMALL, noise_rate=0.2, noise_seed=3, clean_subset_size=40)).clean_subset[0]
+    other = fit_setup(MNIST1DDataModule(**SMALL, noise_rate=0.4, noise_seed=4, clean_subset_size=40)).clean_subset[0]
+    assert torch.equal(index, again)  # a stream of the seed of its own: the noise rate does not move it
+    assert not torch.equal(index, other)
+    none = fit_setup(MNIST1DDataModule(**SMALL, noise_rate=0.4)).clean_subset
+    assert none[0].numel() == none[1].numel() == 0
+
+
+def test_bad_clean_subset_size_is_refused_before_any_state() -> None:
+    with pytest.raises(ValueError, match="clean_subset_size must be an int >= 0, got -1"):
+        MNIST1DDataModule(**SMALL, clean_subset_size=-1)
+    dm = MNIST1DDataModule(**SMALL, clean_subset_size=10_000)
+    with pytest.raises(ValueError, match=r"clean_subset_size must be at most the \d+ training samples, got 10000"):
+        dm.setup("fit")
+    with pytest.raises(RuntimeError, match="setup\\('fit'\\) must run"):
+        dm.noise_info

@@ -29,6 +29,7 @@ from lightning_noisy.data import noise
 from lightning_noisy.data.dataset import NoisyLabelDataset, TensorPairDataset
 from lightning_noisy.data.loader import ResumableDataLoader
 from lightning_noisy.data.sampler import EpochShuffleSampler
+from lightning_noisy.seeding import stream_generator
 from lightning_noisy.data.noise import (
     CIFAR10N_LABEL_KEYS,
     CIFAR100N_LABEL_KEYS,
@@ -123,6 +124,10 @@ class NoisyDataModule(LightningDataModule, ABC):
         exclude_file: a ``.pt`` file holding a ``[R]`` int tensor of training-sample indices to leave out
             of training (e.g. the samples AUM removed); the indices keep their meaning, so per-sample
             callbacks still see ``[0, N)`` and simply never visit the excluded samples.
+        clean_subset_size: this many training samples, drawn uniformly from a generator seeded by
+            ``noise_seed``, also come with their true label (:attr:`clean_subset`), for methods that learn
+            from a small clean set beside the noisy one (CNN-CRF, Vahdat 2017). They stay in the noisy
+            training set with their noisy labels; 0 (default): no clean subset.
     """
 
     #: noise types this data set can produce
@@ -151,6 +156,7 @@ class NoisyDataModule(LightningDataModule, ABC):
         return_index: bool = True,
         drop_last: bool = False,
         exclude_file: str | None = None,
+        clean_subset_size: int = 0,
     ) -> None:
         super().__init__()
         self.batch_size = _check_int(batch_size, "batch_size", 1)
@@ -167,12 +173,14 @@ class NoisyDataModule(LightningDataModule, ABC):
         self.noise_label_key = self._check_label_key(noise_label_key)
         self.save_noisy_labels = self._check_save_path(save_noisy_labels)
         self.exclude_file = None if exclude_file is None else str(_check_file(exclude_file, "exclude_file"))
+        self.clean_subset_size = _check_int(clean_subset_size, "clean_subset_size", 0)
         self.save_hyperparameters()
         self._noise: NoisyLabels | None = None
         self._train: NoisyLabelDataset | None = None
         self._train_kept: Dataset | None = None
         self._train_eval: NoisyLabelDataset | None = None
         self._test: Dataset | None = None
+        self._clean_subset: Tensor | None = None  # [M] sorted training indices whose true label is given
 
     # ------------------------------------------------------------------ validation
     def _check_noise_type(self, noise_type: Any) -> str:
@@ -254,7 +262,16 @@ class NoisyDataModule(LightningDataModule, ABC):
 
     def _setup_train(self) -> None:
         train, train_eval, labels = self._load_train()
+        if self.clean_subset_size > labels.numel():
+            raise ValueError(
+                f"clean_subset_size must be at most the {labels.numel()} training samples, got {self.clean_subset_size}"
+            )
         noisy = self._make_noise(train, labels)
+        if self.clean_subset_size and noisy.clean_labels is None:
+            raise ValueError(
+                f"clean_subset_size={self.clean_subset_size} needs the true training labels, which "
+                f"noise_type={self.noise_type!r} does not give here"
+            )
         n_cls = self.num_classes
         train_set = NoisyLabelDataset(train, noisy.labels, noisy.clean_labels, n_cls, self.return_index)
         kept = train_set if self.exclude_file is None else _exclude(train_set, self.exclude_file)
@@ -263,6 +280,8 @@ class NoisyDataModule(LightningDataModule, ABC):
         self._train, self._train_kept = train_set, kept
         self._train_eval = NoisyLabelDataset(train_eval, noisy.labels, noisy.clean_labels, n_cls)
         self._noise = noisy
+        draw = torch.randperm(labels.numel(), generator=stream_generator(self.noise_seed, "clean-subset"))
+        self._clean_subset = draw[: self.clean_subset_size].sort().values
 
     @rank_zero_only
     def _write_noise(self, noisy: NoisyLabels) -> None:
@@ -341,6 +360,15 @@ class NoisyDataModule(LightningDataModule, ABC):
     def clean_labels(self) -> Tensor | None:
         """``[N]`` int64 clean training labels, ``None`` when unknown."""
         return self.noise_info.clean_labels
+
+    @property
+    def clean_subset(self) -> tuple[Tensor, Tensor]:
+        """``(index [M], labels [M])``: the training samples of the clean subset and their true labels (int64),
+        ``M = clean_subset_size`` (empty when 0); the only clean labels a method may train with."""
+        clean = self.noise_info.clean_labels
+        assert self._clean_subset is not None  # set with noise_info
+        index = self._clean_subset
+        return index.clone(), (clean[index] if clean is not None else index.new_empty(0))
 
 
 # ====================================================================== MNIST-1D
