@@ -109,6 +109,7 @@ SHORT_METHOD_RUNS = {
     "mnist1d_dividemix_fixmatch.yaml": (
         ["--model.init_args.warmup_epochs=1", "--model.init_args.fixmatch_threshold=0.2"], "noisy/fixmatch_mask_rate",
     ),
+    "mnist1d_cnn_crf.yaml": (["--data.init_args.clean_subset_size=24"], "crf/alpha"),
     "mnist1d_elr.yaml": ([], "noisy/elr_target_acc"),
     "mnist1d_sop.yaml": ([], "noisy/sop_noise_auroc"),
     "mnist1d_sop_plus.yaml": ([], "noisy/sop_noise_auroc"),

@@ -1,6 +1,7 @@
 """One LightningModule per method."""
 
 from lightning_noisy.methods.classifier import NoisyClassifier
+from lightning_noisy.methods.cnn_crf import CNNCRF
 from lightning_noisy.methods.coteaching import CoTeaching
 from lightning_noisy.methods.dividemix import DivideMix
 from lightning_noisy.methods.elr_plus import ELRPlus
@@ -11,6 +12,6 @@ from lightning_noisy.methods.self_learning import SelfLearning
 from lightning_noisy.methods.sop_plus import SOPPlus
 
 __all__ = [
-    "CoTeaching", "DivideMix", "ELRPlus", "FeatureMixup", "JointOptimization", "NoisyClassifier", "ProMix", "SOPPlus",
+    "CNNCRF", "CoTeaching", "DivideMix", "ELRPlus", "FeatureMixup", "JointOptimization", "NoisyClassifier", "ProMix", "SOPPlus",
     "SelfLearning",
 ]
