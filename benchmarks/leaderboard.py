@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common import RunResult, markdown_table, mean_spread
-from dividemix import dividemix_overrides, label, parse_setting, run_accuracy
+from dividemix import dividemix_overrides, fixmatch_overrides, label, parse_setting, run_accuracy
 
 #: every training method, by the name of its row, and its config
 METHODS: dict[str, str] = {
@@ -39,6 +39,7 @@ METHODS: dict[str, str] = {
     "SelfLearning": "configs/mnist1d_self_learning.yaml",
     "FeatureMixup": "configs/mnist1d_feature_mixup.yaml",
     "DivideMix": "configs/mnist1d_dividemix.yaml",
+    "DivideMix + FixMatch": "configs/mnist1d_dividemix_fixmatch.yaml",
     "SOP+": "configs/mnist1d_sop_plus.yaml",
     "ELR+": "configs/mnist1d_elr_plus.yaml",
     "ProMix": "configs/mnist1d_promix.yaml",
@@ -47,10 +48,13 @@ DEFAULT_SETTINGS = ("sym:0.5", "asym:0.4")
 
 
 def setting_overrides(method: str, kind: str, rate: float) -> list[str]:
-    """A method's per-setting values, as its paper sets them: DivideMix's CIFAR-10 table (Table 7), and
+    """A method's per-setting values, as its paper sets them: DivideMix's CIFAR-10 table (Table 7; its FixMatch
+    stage takes the division's values of it, not ``lambda_u``), and
     ProMix's warm-up confidence penalty for asymmetric noise (the authors' scripts, as DivideMix's)."""
     if method == "DivideMix" and kind != "instance":
         return dividemix_overrides(kind, rate)
+    if method == "DivideMix + FixMatch" and kind != "instance":
+        return fixmatch_overrides(kind, rate)
     if method == "ProMix" and kind == "asymmetric":
         return ["--model.init_args.penalty_weight=1.0"]
     return []

@@ -26,26 +26,41 @@ from typing_extensions import override
 
 TRACKED = (
     "test/acc", "test/acc_a", "test/acc_b", "test/acc_mean", "train/loss", "noisy/recovery_acc", "noisy/train_pred_acc",
-    "noisy/changed_frac", "noisy/transition_mae", "noisy/codivide_auroc",
+    "noisy/changed_frac", "noisy/transition_mae", "noisy/codivide_auroc", "noisy/fixmatch_mask_rate",
+    "noisy/pseudo_label_acc",
 )
 
 
 class EpochHistory(Callback):
-    """Keeps the tracked metrics of every epoch and the wall time of each training epoch."""
+    """Keeps the tracked metrics of every epoch and the wall time of each training epoch.
+
+    An epoch's row is taken at the next epoch's start (or at the end of training): a module's own
+    ``on_train_epoch_end`` runs after the callbacks' and what it logs reaches ``callback_metrics`` only then.
+    """
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
         self._start = 0.0
+        self._epoch_s: float | None = None  # the wall time of the epoch whose row is still to take
+
+    def _take_row(self, trainer: pl.Trainer) -> None:
+        if self._epoch_s is not None:
+            row = {k: float(v) for k, v in trainer.callback_metrics.items() if k in TRACKED}
+            self.rows.append({**row, "epoch_s": self._epoch_s})
+            self._epoch_s = None
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_row(trainer)
         self._start = time.perf_counter()
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        row = {k: float(v) for k, v in trainer.callback_metrics.items() if k in TRACKED}
-        row["epoch_s"] = time.perf_counter() - self._start
-        self.rows.append(row)
+        self._epoch_s = time.perf_counter() - self._start
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_row(trainer)
 
 
 @dataclass

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import PlainClassifier, toy_dataset, toy_loader
+
 from lightning_noisy import experiment
 from lightning_noisy.experiment import run_many
 
@@ -89,3 +91,21 @@ def test_a_failed_run_is_named_after_the_others_finish(tmp_path: Path) -> None:
 def test_processes_must_be_a_positive_int(processes: object) -> None:
     with pytest.raises(ValueError, match=f"processes must be an int >= 1, got {processes!r}"):
         run_many([(CONFIG, TINY, 0)], processes=processes)  # type: ignore[arg-type]
+
+
+class EpochEndLogger(PlainClassifier):
+    """Logs the epoch number at its own ``on_train_epoch_end``, as DivideMix logs its FixMatch counts."""
+
+    def on_train_epoch_end(self) -> None:
+        self.log("noisy/pseudo_label_acc", float(self.current_epoch), on_epoch=True)
+
+
+def test_history_rows_hold_what_the_module_logs_at_its_epoch_end() -> None:
+    import lightning.pytorch as pl
+
+    history = experiment.EpochHistory()
+    trainer = pl.Trainer(max_epochs=3, callbacks=[history], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(EpochEndLogger(), toy_loader(toy_dataset(return_index=False)))
+    assert [row["noisy/pseudo_label_acc"] for row in history.rows] == [0.0, 1.0, 2.0]  # each epoch its own value
+    assert all(row["epoch_s"] > 0 for row in history.rows)
