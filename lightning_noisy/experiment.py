@@ -159,14 +159,16 @@ def _store(path: Path, result: RunResult) -> None:
 
 def run_many(
     jobs: Iterable[tuple[str, Sequence[str], int]], processes: int = 2, cache_dir: str | Path | None = None,
-) -> list[RunResult]:
+    skip_failed: bool = False,
+) -> list[RunResult | None]:
     """Run ``(config, overrides, seed)`` jobs in ``processes`` workers (one thread each); results in job order.
 
     With ``cache_dir``, each finished run is stored there as JSON under a key of its config (path and
     text), overrides, seed and :func:`package_digest`, and a job whose result is already stored is not
     run again, so an interrupted or extended grid only runs what is missing, and a change to the package's
     code starts afresh. Each finished run prints one line. A failed run does not stop
-    the others; once they are done, a ``RuntimeError`` names the failed jobs.
+    the others; once they are done, a ``RuntimeError`` names the failed jobs, or with ``skip_failed`` they are
+    printed and their results are ``None`` (a run that diverges is then a finding, not the end of a table).
     """
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
         raise ValueError(f"processes must be an int >= 1, got {processes!r}")
@@ -207,5 +209,8 @@ def run_many(
             for done, future in enumerate(as_completed(futures), 1):
                 attempt(futures[future], future.result, done)
     if failures:
-        raise RuntimeError(f"{len(failures)} of {len(todo)} runs failed:\n" + "\n".join(failures))
-    return [r for r in results if r is not None]
+        message = f"{len(failures)} of {len(todo)} runs failed:\n" + "\n".join(failures)
+        if not skip_failed:
+            raise RuntimeError(message)
+        print(message, flush=True)
+    return results

@@ -85,6 +85,8 @@ def test_a_failed_run_is_named_after_the_others_finish(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=r"(?s)2 of 3 runs failed:\n.*noise_rate=1\.5.*no_such_option.*CLI rejected"):
         run_many(jobs, processes=1, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.json"))) == 1  # the good run was kept
+    results = run_many(jobs, processes=1, cache_dir=tmp_path, skip_failed=True)  # the failures are printed
+    assert results[0] is None and results[1] is None and results[2] is not None and results[2].seed == 0
 
 
 @pytest.mark.parametrize("processes", [0, -1, True, 1.5])
