@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -453,3 +454,17 @@ def test_save_corrected_rejects_non_distributions(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"num_classes must match the 2 columns of labels, got 3"):
         save_corrected_labels(tmp_path / "bad.pt", torch.tensor([[0.5, 0.5]]), num_classes=3)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("num_classes", "rate"), [(10, 0.9), (10, 1.0), (2, 0.5)])
+def test_symmetric_noise_that_leaves_the_labels_uninformative_is_warned_about(num_classes: int, rate: float) -> None:
+    labels = torch.arange(200) % num_classes
+    with pytest.warns(UserWarning, match=rf"from rate {(num_classes - 1) / num_classes:.3g} on, the labels say nothing"):
+        symmetric_noise(labels, num_classes, rate, seed=0)
+
+
+@pytest.mark.parametrize(("rate", "include_true_class"), [(0.89, False), (0.9, True), (1.0, True)])
+def test_informative_symmetric_noise_is_not_warned_about(rate: float, include_true_class: bool) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        symmetric_noise(torch.arange(200) % 10, 10, rate, include_true_class=include_true_class, seed=0)

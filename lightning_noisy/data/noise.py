@@ -11,6 +11,7 @@ import csv
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,6 +243,15 @@ def symmetric_noise(
     num_classes = _check_num_classes(num_classes)
     clean = _as_labels(labels, num_classes)
     rate = _check_rate(rate)
+    if not include_true_class and rate >= (num_classes - 1) / num_classes:
+        warnings.warn(
+            f"symmetric noise at rate {rate} redrawn from the other {num_classes - 1} classes keeps a label right with "
+            f"probability {1 - rate:.3g} and gives each wrong class {rate / (num_classes - 1):.3g}: from rate "
+            f"{(num_classes - 1) / num_classes:.3g} on, the labels say nothing about the class (or point away from "
+            "it). include_true_class=True redraws from all classes, as Tanaka et al. and DivideMix do",
+            UserWarning,
+            stacklevel=2,
+        )
     gen = _generator(seed)
     n = clean.numel()
     if exact:
