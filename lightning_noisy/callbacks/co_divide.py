@@ -38,6 +38,7 @@ from lightning_noisy.callbacks.base import (
 )
 from lightning_noisy.losses._targets import check_finite_non_negative
 from lightning_noisy.metrics.selection import selection_scores
+from lightning_noisy.models import evaluating
 from lightning_noisy.callbacks.sharded_division import (
     clean_probability_sharded,
     mixture_params,
@@ -440,9 +441,7 @@ class CoDivideCallback(SampleStateCallback):
             raise RuntimeError("CoDivideCallback: the training labels are unknown before the fit starts")
         model_fn = model_fn if model_fn is not None else self.model_fn
         start = time.perf_counter()
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with evaluating(pl_module):
             losses = per_sample_cross_entropy(
                 lambda x: model_fn(pl_module, x),
                 train_eval_loader(trainer, "CoDivideCallback", self.batch_size),
@@ -453,8 +452,6 @@ class CoDivideCallback(SampleStateCallback):
                 collective_device=trainer.strategy.root_device,
                 layout=None if self._probability is None else self._probability.layout,
             )
-        finally:
-            pl_module.train(was_training)
         self.last_pass_seconds = time.perf_counter() - start
         return losses
 

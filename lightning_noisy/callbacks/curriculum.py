@@ -25,6 +25,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_noisy.callbacks.base import SampleStateCallback, TrainingLabels, rank_batches, train_eval_loader
+from lightning_noisy.models import evaluating
 from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder, StepContext
 
 FeatureFn = Callable[[pl.LightningModule, Tensor], Tensor]
@@ -340,21 +341,16 @@ class CurriculumCallback(SampleStateCallback):
         """
         assert self.subsets is not None and self.training_labels is not None
         recorder: SampleRecorder | None = None
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.no_grad():
-                loader = train_eval_loader(trainer, "CurriculumCallback", self.feature_batch_size)
-                for _, batch in rank_batches(loader, trainer.global_rank, trainer.world_size):
-                    index, features = self._batch_features(pl_module, batch)
-                    if recorder is None:
-                        recorder = SampleRecorder((int(features.shape[1]),), torch.float32)
-                    recorder.add(index, features)
-                first = next(iter(loader), None) if recorder is None else None
-                if first is not None:  # a rank without batches (more ranks than batches) still needs D to gather
-                    recorder = SampleRecorder((int(self._batch_features(pl_module, first)[1].shape[1]),), torch.float32)
-        finally:
-            pl_module.train(was_training)
+        with evaluating(pl_module), torch.no_grad():
+            loader = train_eval_loader(trainer, "CurriculumCallback", self.feature_batch_size)
+            for _, batch in rank_batches(loader, trainer.global_rank, trainer.world_size):
+                index, features = self._batch_features(pl_module, batch)
+                if recorder is None:
+                    recorder = SampleRecorder((int(features.shape[1]),), torch.float32)
+                recorder.add(index, features)
+            first = next(iter(loader), None) if recorder is None else None
+            if first is not None:  # a rank without batches (more ranks than batches) still needs D to gather
+                recorder = SampleRecorder((int(self._batch_features(pl_module, first)[1].shape[1]),), torch.float32)
         if recorder is None:
             raise ValueError("CurriculumCallback's feature pass found no training samples")
         index, features, _ = recorder.gather(trainer.strategy.root_device, reduction="first")

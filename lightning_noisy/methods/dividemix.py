@@ -52,7 +52,7 @@ from lightning_noisy.methods.semi_supervised import (
     SemiSupervisedStage,
     StageResult,
 )
-from lightning_noisy.models import build_backbone
+from lightning_noisy.models import build_backbone, evaluating
 from lightning_noisy.seeding import stream_generator
 from lightning_noisy.state import BatchContract
 
@@ -111,12 +111,8 @@ def eval_mode_losses(module: pl.LightningModule, net: nn.Module, loader: DataLoa
     trainer = module._trainer
     rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
     collective = trainer.strategy.root_device if trainer is not None else module.device
-    was_training = net.training
-    net.eval()
-    try:
+    with evaluating(net):
         return per_sample_cross_entropy(net, loader, num_samples, module.device, rank, world, collective)
-    finally:
-        net.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------- module

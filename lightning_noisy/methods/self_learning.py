@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_noisy.callbacks.base import find_training_labels, log_epoch, rank_batches, train_eval_loader
 from lightning_noisy.methods.classifier import NoisyClassifier, resize_sample_buffers, split_batch
+from lightning_noisy.models import evaluating
 from lightning_noisy.state import BatchContract
 from lightning_noisy.state.gather import all_gather_uneven, is_distributed
 
@@ -222,11 +223,9 @@ class SelfLearning(NoisyClassifier):
         The batches ``batch_idx % world_size == rank`` of the in-order training loader
         (:func:`~lightning_noisy.callbacks.base.rank_batches`); the features are on this module's device.
         """
-        was_training = self.training
-        self.eval()
         chunks: list[tuple[Tensor, Tensor]] = []
         loader = train_eval_loader(self.trainer, "SelfLearning")
-        try:
+        with evaluating(self):
             for batch_idx, batch in rank_batches(loader, rank, world_size):
                 x = batch[0].to(self.device)
                 index = batch[2] if isinstance(batch, (list, tuple)) and len(batch) == 3 else None
@@ -234,8 +233,6 @@ class SelfLearning(NoisyClassifier):
                     start = batch_idx * int(loader.batch_size or x.shape[0])
                     index = torch.arange(start, start + x.shape[0])
                 chunks.append((index.long().cpu(), self.correction_features(x).float()))
-        finally:
-            self.train(was_training)
         if not chunks:
             return torch.zeros(0, dtype=torch.long), torch.zeros(0, 0, device=self.device)
         return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])

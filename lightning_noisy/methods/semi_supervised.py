@@ -14,8 +14,7 @@ one :class:`DividedBatch` and the weight of the unlabelled term, and return a :c
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from lightning_noisy.losses._targets import check_finite_positive
 from lightning_noisy.losses.mixup import sample_mixup_lambda
 from lightning_noisy.losses.regularizers import prior_loss
+from lightning_noisy.models import evaluating
 
 #: a random view of a batch ``[B, ...] -> [B, ...]``, drawn from the generator when one is given
 View = Callable[[Tensor, "torch.Generator | None"], Tensor]
@@ -137,17 +137,6 @@ def _check_threshold(threshold: float) -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
         raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
     return float(threshold)
-
-
-@contextmanager
-def evaluating(net: nn.Module) -> Iterator[nn.Module]:
-    """``net`` in eval mode for the block (no batch-norm update), then back in the mode it was in."""
-    was_training = net.training
-    net.eval()
-    try:
-        yield net
-    finally:
-        net.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------- stages
