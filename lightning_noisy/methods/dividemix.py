@@ -446,7 +446,7 @@ class DivideMix(HeldOutAccuracy):
             count = 0
         device = generator.device if generator is not None else torch.device("cpu")
         draw = torch.randint(max(pool.numel(), 1), (count,), generator=generator, device=device).cpu()
-        return pool[draw] if count else pool[:0]
+        return pool[draw]
 
     def labelled_batch_size(self, x: Tensor, labelled: int) -> int:
         """The per-rank labelled batch size for ``labelled`` samples; the same on every rank.
@@ -537,8 +537,8 @@ class DivideMix(HeldOutAccuracy):
             self._stage_counts[key] = value if key not in self._stage_counts else self._stage_counts[key] + value
 
     def _log_stage_counts(self) -> dict[str, float]:
-        """Log the epoch's FixMatch mask rate and pseudo-label accuracy, from the counts summed over the ranks
-        (a collective under DDP); returns what was logged."""
+        """Log the stage's epoch metrics (FixMatch: mask rate, pseudo-label accuracy) from its counts summed over
+        the ranks (a collective under DDP); returns what was logged."""
         if not self.stage.count_keys:
             return {}
         sums = torch.stack([self._stage_counts.get(k, torch.zeros((), device=self.device)).to(self.device).float()
@@ -547,12 +547,7 @@ class DivideMix(HeldOutAccuracy):
         if self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         totals = dict(zip(self.stage.count_keys, sums.cpu().tolist()))
-        unlabelled, kept, correct = (totals.get(key, 0.0) for key in ("unlabelled", "kept", "kept_correct"))
-        logged = {}
-        if unlabelled > 0:
-            logged["noisy/fixmatch_mask_rate"] = kept / unlabelled
-        if self._clean_labels is not None and kept > 0:
-            logged["noisy/pseudo_label_acc"] = correct / kept
+        logged = self.stage.epoch_metrics(totals, clean_known=self._clean_labels is not None)
         for key, value in logged.items():
             log_epoch(self, key, value)
         return logged

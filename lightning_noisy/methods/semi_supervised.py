@@ -186,6 +186,13 @@ class SemiSupervisedStage(ABC):
     ) -> StageResult:
         """The loss of ``net`` on ``batch`` (with its gradient), the unlabelled term weighted by ``unlabelled_weight``."""
 
+    def epoch_metrics(self, totals: dict[str, float], clean_known: bool) -> dict[str, float]:
+        """What to log for an epoch, from its :attr:`count_keys` summed over the steps and ranks (none here).
+
+        ``clean_known``: whether the counts of true labels (``unlabelled_clean``) were available.
+        """
+        return {}
+
 
 class MixMatchStage(SemiSupervisedStage):
     """MixMatch as DivideMix trains with it (Li et al. 2020, Sec. 3.3 and the reference code).
@@ -309,3 +316,13 @@ class FixMatchStage(SemiSupervisedStage):
             unlabelled = F.cross_entropy(logits[n_x:], pseudo, reduction="none")
             loss = loss + unlabelled_weight * (unlabelled * keep).mean()
         return StageResult(loss, counts)
+
+    def epoch_metrics(self, totals: dict[str, float], clean_known: bool) -> dict[str, float]:
+        """``noisy/fixmatch_mask_rate`` (kept share of the unlabelled draws) and, with clean labels,
+        ``noisy/pseudo_label_acc`` (share of the kept pseudo labels that are right), where they are defined."""
+        metrics = {}
+        if totals["unlabelled"] > 0:
+            metrics["noisy/fixmatch_mask_rate"] = totals["kept"] / totals["unlabelled"]
+        if clean_known and totals["kept"] > 0:
+            metrics["noisy/pseudo_label_acc"] = totals["kept_correct"] / totals["kept"]
+        return metrics
