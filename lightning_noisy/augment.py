@@ -123,15 +123,22 @@ def _image_strong_augment(x: Tensor, generator: torch.Generator | None, cutout: 
     out = out.gather(2, rows[:, None, :, None].expand(-1, x.shape[1], -1, w))
     out = out.gather(3, cols[:, None, None, :].expand(-1, x.shape[1], h, -1))
     side = int(round(cutout * min(h, w)))
-    if side > 0:  # Cutout (DeVries & Taylor 2017): a side x side square at a random centre, zeroed
-        cy = torch.randint(0, h, (b,), generator=generator, device=device).to(x.device)
-        cx = torch.randint(0, w, (b,), generator=generator, device=device).to(x.device)
-        ys, xs = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
-        inside_y = (ys[None, :] - cy[:, None]).abs() <= side // 2
-        inside_x = (xs[None, :] - cx[:, None]).abs() <= side // 2
-        square = inside_y[:, :, None] & inside_x[:, None, :]  # [B, H, W]
-        out = out * (~square)[:, None].to(out.dtype)
+    if side > 0:  # Cutout (DeVries & Taylor 2017): a square at a random centre, zeroed
+        out = _cut_out(out, torch.full((b,), side // 2, device=x.device), generator)
     return out
+
+
+def _cut_out(x: Tensor, reach: Tensor, generator: torch.Generator | None) -> Tensor:
+    """``x [B, C, H, W]`` with, per image, the pixels within ``reach [B]`` rows and columns of a centre drawn
+    uniformly (rows first, then columns) set to 0: a square of side ``2 reach + 1``, cut at the edges."""
+    b, _, h, w = x.shape
+    device = generator.device if generator is not None else x.device
+    cy = torch.randint(0, h, (b,), generator=generator, device=device).to(x.device)
+    cx = torch.randint(0, w, (b,), generator=generator, device=device).to(x.device)
+    inside_y = (torch.arange(h, device=x.device)[None, :] - cy[:, None]).abs() <= reach[:, None]
+    inside_x = (torch.arange(w, device=x.device)[None, :] - cx[:, None]).abs() <= reach[:, None]
+    square = inside_y[:, :, None] & inside_x[:, None, :]  # [B, H, W]
+    return x * (~square)[:, None].to(x.dtype)
 
 
 def strong_augment(
@@ -230,12 +237,9 @@ class RandAugmentCutout(BatchAugment):
             views.append(self._randaugment(image))
         out = (torch.stack(views).float() / 255 - mean) / std
         b, _, h, w = out.shape
-        sides = (torch.rand(b) * self.cutout * min(h, w)).round().long().to(x.device)  # Cutout, the mean's value: 0
-        cy, cx = (torch.randint(0, n, (b,)).to(x.device) for n in (h, w))
-        inside_y = ((torch.arange(h, device=x.device)[None, :] - cy[:, None]).abs() * 2 < sides[:, None])
-        inside_x = ((torch.arange(w, device=x.device)[None, :] - cx[:, None]).abs() * 2 < sides[:, None])
-        square = inside_y[:, :, None] & inside_x[:, None, :]  # [B, H, W]
-        return (out * (~square)[:, None].to(out.dtype)).to(x.dtype)
+        sides = (torch.rand(b) * self.cutout * min(h, w)).round().long().to(x.device)
+        # a side-s square (s odd) or s - 1 (s even), the mean's value: 0 after normalisation
+        return _cut_out(out, torch.div(sides - 1, 2, rounding_mode="floor"), None).to(x.dtype)
 
 
 def check_augment(name: str, value: object) -> None:
