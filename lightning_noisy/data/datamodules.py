@@ -29,7 +29,6 @@ from lightning_noisy.data import noise
 from lightning_noisy.data.dataset import NoisyLabelDataset, TensorPairDataset
 from lightning_noisy.data.loader import ResumableDataLoader
 from lightning_noisy.data.sampler import EpochShuffleSampler
-from lightning_noisy.seeding import stream_generator
 from lightning_noisy.data.noise import (
     CIFAR10N_LABEL_KEYS,
     CIFAR100N_LABEL_KEYS,
@@ -41,6 +40,7 @@ from lightning_noisy.data.noise import (
     make_noisy_labels,
     resolve_class_map,
 )
+from lightning_noisy.seeding import stream_generator
 
 __all__ = [
     "CIFARDataModule",
@@ -280,8 +280,10 @@ class NoisyDataModule(LightningDataModule, ABC):
         self._train, self._train_kept = train_set, kept
         self._train_eval = NoisyLabelDataset(train_eval, noisy.labels, noisy.clean_labels, n_cls)
         self._noise = noisy
-        draw = torch.randperm(labels.numel(), generator=stream_generator(self.noise_seed, "clean-subset"))
-        self._clean_subset = draw[: self.clean_subset_size].sort().values
+        self._clean_subset = torch.zeros(0, dtype=torch.long)
+        if self.clean_subset_size:  # no permutation of N at every setup when there is no subset
+            draw = torch.randperm(labels.numel(), generator=stream_generator(self.noise_seed, "clean-subset"))
+            self._clean_subset = draw[: self.clean_subset_size].sort().values
 
     @rank_zero_only
     def _write_noise(self, noisy: NoisyLabels) -> None:
