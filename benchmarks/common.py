@@ -8,11 +8,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_noisy.experiment import EpochHistory, RunResult, run_config, run_many
+from lightning_noisy.experiment import EpochHistory, RunResult, quiet_cli, run_config, run_many
 
 __all__ = [
-    "EpochHistory", "RunResult", "markdown_table", "mean_spread", "noise_overrides", "plot_curves", "run_config",
-    "run_many",
+    "EpochHistory", "RunResult", "markdown_table", "mean_spread", "noise_overrides", "plot_curves", "quiet_cli",
+    "run_config", "run_many",
 ]
 
 #: the class map of asymmetric noise on MNIST-1D (2->7, 3->8, 5<->6, 7->1)

@@ -32,7 +32,7 @@ import math
 import time
 from pathlib import Path
 
-from common import RunResult, markdown_table, mean_spread, noise_overrides, plot_curves, run_many
+from common import RunResult, markdown_table, mean_spread, noise_overrides, plot_curves, quiet_cli, run_many
 
 CE, JO = "configs/mnist1d_ce.yaml", "configs/mnist1d_joint_optimization.yaml"
 METHODS = {"CE": CE, "JO": JO}
@@ -143,15 +143,11 @@ def pseudo_labels(path: Path, epochs: int, num_samples: int) -> float:
     import torch
 
     from lightning_noisy.callbacks.base import train_eval_loader
-    from lightning_noisy.cli import build_cli
     from lightning_noisy.data.noise import save_corrected_labels
 
     torch.set_num_threads(1)
-    args = ["--config", CE, "--data.init_args.noise_type=none", f"--data.init_args.num_samples={num_samples}",
-            f"--trainer.max_epochs={epochs}", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.callbacks=[]",
-            "--seed_everything=0"]
-    cli = build_cli(args=args, run=False, save_config_callback=None)
+    cli = quiet_cli(CE, ["--data.init_args.noise_type=none", f"--data.init_args.num_samples={num_samples}",
+                         f"--trainer.max_epochs={epochs}", "--trainer.callbacks=[]"])
     cli.trainer.fit(cli.model, cli.datamodule)
     clean = cli.datamodule.noisy_labels.clone()  # no noise: the given labels are the clean ones
     predicted = torch.empty_like(clean)
@@ -168,13 +164,8 @@ def jo_updated_labels(path: Path, overrides: list[str]) -> float:
     their recovery accuracy (share equal to the clean label)."""
     import torch
 
-    from lightning_noisy.cli import build_cli
-
     torch.set_num_threads(1)
-    args = ["--config", JO, *overrides, "--trainer.max_epochs=60", "--trainer.logger=false",  # step 1 only
-            "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false", "--seed_everything=0", "--data.init_args.noise_seed=0"]
-    cli = build_cli(args=args, run=False, save_config_callback=None)
+    cli = quiet_cli(JO, [*overrides, "--trainer.max_epochs=60"])  # step 1 only
     assert cli.model.step1_epochs == 60, "the JO config's step 1 is expected to last 60 epochs"
     cli.trainer.fit(cli.model, cli.datamodule)
     correction = cli.model.label_correction

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -78,6 +79,20 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def quiet_cli(config: str, overrides: Sequence[str] = (), seed: int = 0) -> Any:
+    """The ``lightning-noisy`` CLI of ``config`` with ``overrides``, built but not run: ``seed`` seeds the run and
+    the label noise, and nothing is written (no logger, checkpoints, progress bar, model summary or saved config)."""
+    from lightning_noisy.cli import build_cli
+
+    args = [
+        "--config", config, *overrides,
+        f"--seed_everything={seed}", f"--data.init_args.noise_seed={seed}",
+        "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+    ]
+    return build_cli(args=args, run=False, save_config_callback=None)
+
+
 def run_config(config: str, overrides: Sequence[str] = (), seed: int = 0, threads: int = 1) -> RunResult:
     """Fit ``config`` with CLI ``overrides``; ``seed`` seeds both the run and the label noise.
 
@@ -85,20 +100,12 @@ def run_config(config: str, overrides: Sequence[str] = (), seed: int = 0, thread
     """
     import torch
 
-    from lightning_noisy.cli import build_cli
-
     torch.set_num_threads(threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-run banners in tables
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")  # the caller's own argv
     history = EpochHistory()
-    args = [
-        "--config", config, *overrides,
-        f"--seed_everything={seed}", f"--data.init_args.noise_seed={seed}",
-        "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-    ]
-    cli = build_cli(args=args, run=False, save_config_callback=None)  # nothing written to the working dir
+    cli = quiet_cli(config, overrides, seed)
     cli.trainer.callbacks.append(history)
     cli.trainer.fit(cli.model, cli.datamodule)
     rows = history.rows
