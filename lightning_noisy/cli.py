@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -35,7 +36,17 @@ def build_cli(args: ArgsType = None, run: bool = True, **kwargs: Any) -> NoisyCL
 
 
 def main(args: ArgsType = None) -> None:
-    """Entry point of ``lightning-noisy`` and ``python -m lightning_noisy``."""
+    """Entry point of ``lightning-noisy`` and ``python -m lightning_noisy``.
+
+    ``lightning-noisy search ...`` runs :mod:`lightning_noisy.search.command`; every other subcommand is
+    LightningCLI's.
+    """
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv[:1] == ["search"]:
+        from lightning_noisy.search.command import main as search
+
+        search(argv[1:])
+        return
     build_cli(args)
 
 

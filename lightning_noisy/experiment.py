@@ -79,14 +79,15 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def quiet_cli(config: str, overrides: Sequence[str] = (), seed: int = 0) -> Any:
+def quiet_cli(config: str, overrides: Sequence[str] = (), seed: int | None = 0) -> Any:
     """The ``lightning-noisy`` CLI of ``config`` with ``overrides``, built but not run: ``seed`` seeds the run and
-    the label noise, and nothing is written (no logger, checkpoints, progress bar, model summary or saved config)."""
+    the label noise (``None``: the config's seeds), and nothing is written (no logger, checkpoints, progress bar,
+    model summary or saved config)."""
     from lightning_noisy.cli import build_cli
 
+    seeds = [] if seed is None else [f"--seed_everything={seed}", f"--data.init_args.noise_seed={seed}"]
     args = [
-        "--config", config, *overrides,
-        f"--seed_everything={seed}", f"--data.init_args.noise_seed={seed}",
+        "--config", config, *overrides, *seeds,
         "--trainer.logger=false", "--trainer.enable_checkpointing=false",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
     ]

@@ -8,6 +8,7 @@ from lightning_noisy.callbacks.elr import ELRCallback
 from lightning_noisy.callbacks.forward_correction import ForwardCorrectionCallback
 from lightning_noisy.callbacks.label_correction import LabelCorrectionCallback
 from lightning_noisy.callbacks.monitor import NoisyLabelMonitor
+from lightning_noisy.callbacks.noisy_validation import NoisyValidationScore
 from lightning_noisy.callbacks.sop import SOPCallback
 from lightning_noisy.callbacks.warmup_entropy import WarmupEntropyCallback
 
@@ -19,6 +20,7 @@ __all__ = [
     "ForwardCorrectionCallback",
     "LabelCorrectionCallback",
     "NoisyLabelMonitor",
+    "NoisyValidationScore",
     "SOPCallback",
     "SampleStateCallback",
     "TrainingLabels",

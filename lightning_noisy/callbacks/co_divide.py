@@ -47,6 +47,8 @@ from lightning_noisy.callbacks.sharded_division import (
     warn_degenerate_losses,
 )
 from lightning_noisy.state import SampleBuffer, SampleHistory, SampleRecorder
+from lightning_noisy.state.batch import StepContext
+from lightning_noisy.state.fetch import RowFetcher, planned_batches
 from lightning_noisy.state.gather import is_distributed
 from lightning_noisy.state.layout import RowLayout
 from lightning_noisy.state.sharded import gather_scalars
@@ -295,9 +297,15 @@ class CoDivideCallback(SampleStateCallback):
     for CIFAR-100 and asymmetric noise), and :func:`clean_probability` gives :attr:`probability`;
     :attr:`clean_mask` is ``probability > p_threshold``. The module's train/eval mode is restored.
 
-    The callback does not change training itself: a module reads :attr:`probability`,
+    By default the callback does not change training itself: a module reads :attr:`probability`,
     :meth:`labelled_index` and :meth:`unlabelled_index` (or calls :meth:`divide` itself, e.g. once per
-    network with another ``model_fn``).
+    network with another ``model_fn``). With ``refine_targets`` it trains an unmodified module on the
+    division: from the first divided epoch on, sample ``i``'s target becomes
+    ``w_i * y_i + (1 - w_i) / C`` (``w_i`` its clean probability, ``y_i`` its label as one-hot or as the
+    soft target another callback set), so with cross-entropy its loss is ``w_i`` times its cross-entropy plus
+    ``1 - w_i`` times that against the uniform distribution: a sample the mixture calls noisy stops pulling
+    towards its label and is pushed to an uncertain prediction instead. Every target stays a distribution, so
+    any loss of :mod:`lightning_noisy.losses` takes it.
 
     Logged each divided epoch: ``codivide/labelled_fraction``, a histogram ``codivide/probability`` and,
     when the clean labels are known, ``noisy/codivide_auroc``, ``noisy/codivide_precision`` and
@@ -331,6 +339,9 @@ class CoDivideCallback(SampleStateCallback):
             ``"float16"``).
         storage_topk: must be ``None``: the state is one value per sample.
         key: distinguishes two instances in one checkpoint (e.g. one per network).
+        refine_targets: train the module on the division as above (off by default: the division is read).
+        fetch_window: with ``refine_targets`` and sharded state, batches whose probabilities are fetched in
+            one collective.
     """
 
     require_logits = False
@@ -352,10 +363,17 @@ class CoDivideCallback(SampleStateCallback):
         storage_dtype: StorageDtype = "float32",
         storage_topk: int | None = None,
         key: str | None = None,
+        refine_targets: bool = False,
+        fetch_window: int = 16,
     ) -> None:
         super().__init__(key=key, state_options=StateOptions(shard_state, storage_dtype, storage_topk))
         if storage_topk is not None:
             raise ValueError(f"storage_topk must be None: CoDivideCallback keeps one value per sample, got {storage_topk!r}")
+        if not isinstance(refine_targets, bool):
+            raise ValueError(f"refine_targets must be a bool, got {refine_targets!r}")
+        self.refine_targets = refine_targets
+        self.fetch_window = _check_int("fetch_window", fetch_window, 1)
+        self._fetcher: RowFetcher | None = None
         self.start_epoch = _check_int("start_epoch", start_epoch, 0)
         if (
             isinstance(p_threshold, bool)
@@ -500,6 +518,26 @@ class CoDivideCallback(SampleStateCallback):
         layout, dtype = self.row_layout(trainer, labels.num_samples), self.state_options.dtype
         self._probability = SampleBuffer(labels.num_samples, (), dtype, fill=1.0, layout=layout)
         self._history = SampleHistory(labels.num_samples, self.num_average, (), dtype, layout=layout)
+        if self.refine_targets:
+            self._fetcher = RowFetcher(self._probability, self.fetch_window, trainer.strategy.root_device)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fetcher is not None and self.ready:  # (a resumed mid-epoch run fetches batch by batch)
+            self._fetcher.start_epoch(planned_batches(trainer.train_dataloader))
+
+    @override
+    def on_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, context: StepContext) -> None:
+        if self._fetcher is None or not self.ready:  # (the same on every rank: no rank fetches alone)
+            return
+        weight = self._fetcher.rows(context.index).float()  # a collective when sharded: every rank, every batch
+        targets = context.batch[1]
+        assert self.training_labels is not None and self.contract is not None
+        num_classes = self.training_labels.num_classes
+        if not targets.is_floating_point():
+            targets = F.one_hot(targets.long(), num_classes).float()
+        weight = weight.to(targets.device).unsqueeze(1)
+        self.contract.set_targets(weight * targets.float() + (1 - weight) / num_classes)
 
     @override
     def on_epoch_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -78,6 +78,12 @@ def _check_fraction(value: Any, name: str) -> float:
     return float(value)
 
 
+def _check_fraction_or_zero(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+    return float(value)
+
+
 def _check_file(value: Any, name: str) -> Path:
     if not isinstance(value, (str, Path)) or not Path(value).is_file():
         raise ValueError(f"{name} must be an existing file, got {value!r}")
@@ -128,6 +134,11 @@ class NoisyDataModule(LightningDataModule, ABC):
             ``noise_seed``, also come with their true label (:attr:`clean_subset`), for methods that learn
             from a small clean set beside the noisy one (CNN-CRF, Vahdat 2017). They stay in the noisy
             training set with their noisy labels; 0 (default): no clean subset.
+        noisy_val_fraction: this share of the training samples, drawn uniformly from a generator seeded by
+            ``noise_seed``, is held out of training with its *noisy* labels as a validation split
+            (:meth:`noisy_val_dataloader`), for choosing a method without clean labels. The noise is drawn
+            on all samples first, so every sample keeps the label it has without the split; the training
+            set's indices are then ``[0, N - M)`` over the samples kept. 0 (default): no split.
     """
 
     #: noise types this data set can produce
@@ -157,6 +168,7 @@ class NoisyDataModule(LightningDataModule, ABC):
         drop_last: bool = False,
         exclude_file: str | None = None,
         clean_subset_size: int = 0,
+        noisy_val_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         self.batch_size = _check_int(batch_size, "batch_size", 1)
@@ -174,6 +186,7 @@ class NoisyDataModule(LightningDataModule, ABC):
         self.save_noisy_labels = self._check_save_path(save_noisy_labels)
         self.exclude_file = None if exclude_file is None else str(_check_file(exclude_file, "exclude_file"))
         self.clean_subset_size = _check_int(clean_subset_size, "clean_subset_size", 0)
+        self.noisy_val_fraction = _check_fraction_or_zero(noisy_val_fraction, "noisy_val_fraction")
         self.save_hyperparameters()
         self._noise: NoisyLabels | None = None
         self._train: NoisyLabelDataset | None = None
@@ -181,6 +194,7 @@ class NoisyDataModule(LightningDataModule, ABC):
         self._train_eval: NoisyLabelDataset | None = None
         self._test: Dataset | None = None
         self._clean_subset: Tensor | None = None  # [M] sorted training indices whose true label is given
+        self._noisy_val: NoisyLabelDataset | None = None  # the held-out noisy validation split
 
     # ------------------------------------------------------------------ validation
     def _check_noise_type(self, noise_type: Any) -> str:
@@ -262,28 +276,48 @@ class NoisyDataModule(LightningDataModule, ABC):
 
     def _setup_train(self) -> None:
         train, train_eval, labels = self._load_train()
-        if self.clean_subset_size > labels.numel():
+        noisy = full_noise = self._make_noise(train, labels)  # on every sample: a held-out split changes no label
+        n_cls = self.num_classes
+        noisy_val = None
+        if self.noisy_val_fraction:
+            held, rest = self._noisy_val_split(labels.numel())
+            clean = noisy.clean_labels
+            noisy_val = NoisyLabelDataset(Subset(train_eval, held.tolist()), noisy.labels[held],
+                                          None if clean is None else clean[held], n_cls, return_index=False)
+            train, train_eval = Subset(train, rest.tolist()), Subset(train_eval, rest.tolist())
+            noisy = NoisyLabels.from_labels(noisy.labels[rest], None if clean is None else clean[rest], n_cls)
+        num_train = noisy.labels.numel()
+        if self.clean_subset_size > num_train:
             raise ValueError(
-                f"clean_subset_size must be at most the {labels.numel()} training samples, got {self.clean_subset_size}"
+                f"clean_subset_size must be at most the {num_train} training samples, got {self.clean_subset_size}"
             )
-        noisy = self._make_noise(train, labels)
         if self.clean_subset_size and noisy.clean_labels is None:
             raise ValueError(
                 f"clean_subset_size={self.clean_subset_size} needs the true training labels, which "
                 f"noise_type={self.noise_type!r} does not give here"
             )
-        n_cls = self.num_classes
         train_set = NoisyLabelDataset(train, noisy.labels, noisy.clean_labels, n_cls, self.return_index)
         kept = train_set if self.exclude_file is None else _exclude(train_set, self.exclude_file)
         if self.save_noisy_labels is not None:
-            self._write_noise(noisy)
-        self._train, self._train_kept = train_set, kept
+            self._write_noise(full_noise)
+        self._train, self._train_kept, self._noisy_val = train_set, kept, noisy_val
         self._train_eval = NoisyLabelDataset(train_eval, noisy.labels, noisy.clean_labels, n_cls)
         self._noise = noisy
         self._clean_subset = torch.zeros(0, dtype=torch.long)
         if self.clean_subset_size:  # no permutation of N at every setup when there is no subset
-            draw = torch.randperm(labels.numel(), generator=stream_generator(self.noise_seed, "clean-subset"))
+            draw = torch.randperm(num_train, generator=stream_generator(self.noise_seed, "clean-subset"))
             self._clean_subset = draw[: self.clean_subset_size].sort().values
+
+    def _noisy_val_split(self, num_samples: int) -> tuple[Tensor, Tensor]:
+        """``(held [M], rest [N - M])``: sorted sample indices of the noisy validation split and of the rest."""
+        size = round(self.noisy_val_fraction * num_samples)
+        if not 0 < size < num_samples:
+            raise ValueError(
+                f"noisy_val_fraction={self.noisy_val_fraction} holds out {size} of the {num_samples} training "
+                "samples; it must leave at least one sample on each side"
+            )
+        draw = torch.randperm(num_samples, generator=stream_generator(self.noise_seed, "noisy-val"))
+        return draw[:size].sort().values, draw[size:].sort().values
 
     @rank_zero_only
     def _write_noise(self, noisy: NoisyLabels) -> None:
@@ -326,6 +360,21 @@ class NoisyDataModule(LightningDataModule, ABC):
     def train_eval_dataloader(self) -> DataLoader:
         """The training set in order, with evaluation transforms: ``(x [B, ...], noisy_y [B], index [B])``."""
         return self._loader(self._require_fit()[1], shuffle=False)
+
+    def noisy_val_dataloader(self) -> DataLoader:
+        """The held-out noisy validation split in order, evaluation transforms: ``(x [B, ...], noisy_y [B])``."""
+        self._require_fit()
+        if self._noisy_val is None:
+            raise RuntimeError(f"{type(self).__name__} holds out no noisy validation split: set noisy_val_fraction > 0")
+        return self._loader(self._noisy_val, shuffle=False)
+
+    @property
+    def noisy_val_labels(self) -> tuple[Tensor, Tensor | None]:
+        """``(noisy [M], clean [M] or None)``: the int64 labels of the noisy validation split (empty without one)."""
+        self._require_fit()
+        if self._noisy_val is None:
+            return torch.zeros(0, dtype=torch.long), None
+        return self._noisy_val.noisy_labels.clone(), self._noisy_val.clean_labels
 
     @override
     def val_dataloader(self) -> DataLoader:
