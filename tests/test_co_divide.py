@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from distributed import run_distributed
-from helpers import PlainClassifier, SpawnDDPStrategy, toy_dataset, trainer
+from helpers import PlainClassifier, SpawnDDPStrategy, SpawnShardedStateStrategy, toy_dataset, trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
@@ -497,3 +497,71 @@ def test_a_loader_without_a_dataset_is_named_in_the_error() -> None:
 def test_bad_arguments_are_rejected(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         CoDivideCallback(**kwargs)
+
+
+# -- refine_targets: an unmodified module trains on the division ------------------------------------------------
+
+
+class TargetsAgainstDivision(PlainClassifier):
+    """Checks in each step that its targets are ``w * onehot(y) + (1 - w) / C`` of the division at the epoch's start."""
+
+    def __init__(self, callback: CoDivideCallback) -> None:
+        super().__init__(lr=0.5)
+        self.callback = callback
+        self.division: torch.Tensor | None = None
+        self.checked_steps = 0
+
+    def on_train_epoch_start(self) -> None:
+        self.division = self.callback.probability.clone() if self.callback.ready else None  # a collective: every rank
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        from lightning_noisy.state import BatchContract
+
+        index, y = BatchContract.current_index(self), batch[1]
+        noisy = self.callback.training_labels.noisy[index.cpu()]
+        if self.division is None:  # before the first division the labels are the given ones
+            assert torch.equal(y, noisy)
+        else:
+            w = self.division[index.cpu()].unsqueeze(1)
+            expected = w * F.one_hot(noisy, 3).float() + (1 - w) / 3
+            torch.testing.assert_close(y, expected, rtol=0, atol=1e-7)
+            torch.testing.assert_close(y.sum(1), torch.ones(len(y)))  # still distributions
+            self.checked_steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_refine_targets_trains_an_unmodified_module_on_the_division() -> None:
+    pl.seed_everything(0, verbose=False)
+    callback = CoDivideCallback(start_epoch=0, refine_targets=True)
+    model = TargetsAgainstDivision(callback)
+    trainer(max_epochs=3, callbacks=[callback]).fit(model, DataLoader(toy_dataset(n=48, noisy_every=4), batch_size=8,
+                                                                      shuffle=True))
+    assert model.checked_steps == 2 * 6  # epochs 1 and 2, six batches each
+    labels = callback.training_labels
+    assert torch.equal(callback.probability > 0.5, labels.noisy == labels.clean)  # a real division: weights 0 and 1
+    # without refine_targets the module sees its given labels throughout
+    plain = CoDivideCallback(start_epoch=0)
+    model = PlainClassifier(lr=0.5)
+    trainer(max_epochs=2, callbacks=[plain]).fit(model, DataLoader(toy_dataset(n=48, noisy_every=4), batch_size=8))
+    assert all(not t.is_floating_point() for t in model.received_targets)
+
+
+class TargetsAgainstShardedDivision(TargetsAgainstDivision):
+    """On each rank: the checks above, on a sharded division, in every step of epochs 1 and 2."""
+
+    def on_fit_end(self) -> None:
+        assert self.callback._sharded and self.checked_steps == 2 * 4  # 30 samples: 15 a rank, 4 batches of 4
+
+
+@pytest.mark.ddp
+def test_refine_targets_with_sharded_state_on_two_ranks() -> None:
+    callback = CoDivideCallback(start_epoch=0, refine_targets=True, fetch_window=2)
+    trainer(devices=2, strategy=SpawnShardedStateStrategy(), max_epochs=3, callbacks=[callback]).fit(
+        TargetsAgainstShardedDivision(callback), DataLoader(toy_dataset(n=30, noisy_every=3), batch_size=4, shuffle=True))
+
+
+@pytest.mark.parametrize(("name", "bad"), [("refine_targets", 1), ("refine_targets", "yes"), ("fetch_window", 0),
+                                           ("fetch_window", True)])
+def test_refine_targets_arguments_are_checked(name: str, bad: Any) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        CoDivideCallback(**{name: bad})

@@ -69,7 +69,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     base, space = _check_args(args, parser)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     options = StudyOptions(name=args.study, storage=storage, trials=args.trials, jobs=args.jobs, timeout=args.timeout,
                            seed=args.seed, prune_after=args.prune_after, startup_trials=args.startup_trials)
@@ -79,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_options(options)
     except ValueError as err:
         parser.error(f"--{str(err).replace('_', '-')}")
+    out.mkdir(parents=True, exist_ok=True)
     print(f"search {args.study!r}: {len(space.combinations())} valid combinations, up to {args.trials} trials in "
           f"{args.jobs} job(s); storage {storage}", flush=True)
     import optuna

@@ -22,7 +22,8 @@ class StudyOptions:
         name: the study's name in the storage.
         storage: an Optuna storage URL (a SQLite file resumes an interrupted search; a database server
             lets several machines share a study).
-        trials: the study stops once it holds this many trials (any state, those running included).
+        trials: the study stops once it holds this many started trials (any state); each worker runs its share
+            of those still to run, so the workers never start more between them.
         jobs: worker processes, one torch thread each.
         timeout: seconds after which no new trial starts and a running one stops at its next epoch, as
             pruned (``None``: no limit).
@@ -96,7 +97,8 @@ def _progress(start: float) -> Any:
     return report
 
 
-def _optimize(options: StudyOptions, space: SearchSpace, settings: TrialSettings, worker: int, deadline: float | None) -> None:
+def _optimize(options: StudyOptions, space: SearchSpace, settings: TrialSettings, worker: int, deadline: float | None,
+              trials: int) -> None:
     import optuna
     import torch
 
@@ -108,14 +110,15 @@ def _optimize(options: StudyOptions, space: SearchSpace, settings: TrialSettings
         return
     study.optimize(
         lambda trial: run_trial(trial, space, settings),
+        n_trials=trials,
         timeout=timeout,
-        callbacks=[optuna.study.MaxTrialsCallback(options.trials, states=None), _progress(time.perf_counter())],
+        callbacks=[_progress(time.perf_counter())],
         catch=(Exception,),
         gc_after_trial=True,
     )
 
 
-def _worker(args: tuple[StudyOptions, SearchSpace, TrialSettings, int, float | None]) -> None:
+def _worker(args: tuple[StudyOptions, SearchSpace, TrialSettings, int, float | None, int]) -> None:
     _optimize(*args)
 
 
@@ -123,18 +126,24 @@ def run_study(options: StudyOptions, space: SearchSpace, settings: TrialSettings
     """Run the study to ``options.trials`` trials (or its timeout) in ``options.jobs`` processes; return it."""
     check_options(options)
     Path(settings.out_dir).mkdir(parents=True, exist_ok=True)
+    import optuna
+
     study = open_study(options, space, settings)  # creates it (and enqueues) before the workers load it
-    if len(study.trials) >= options.trials:
-        print(f"study {options.name!r} already holds {len(study.trials)} trials: nothing to run", flush=True)
+    started = sum(t.state != optuna.trial.TrialState.WAITING for t in study.trials)  # enqueued ones are still to run
+    if started >= options.trials:
+        print(f"study {options.name!r} already holds {started} trials: nothing to run", flush=True)
         return study
     deadline = None if options.timeout is None else time.time() + options.timeout
     settings = dataclasses.replace(settings, deadline=deadline)  # a running trial stops there too
-    if options.jobs == 1:
-        _optimize(options, space, settings, 0, deadline)
+    remaining = options.trials - started
+    jobs = min(options.jobs, remaining)
+    shares = [remaining // jobs + (j < remaining % jobs) for j in range(jobs)]  # no worker starts one too many
+    if jobs == 1:
+        _optimize(options, space, settings, 0, deadline, shares[0])
     else:
         context = multiprocessing.get_context("spawn")
-        workers = [context.Process(target=_worker, args=((options, space, settings, j, deadline),))
-                   for j in range(options.jobs)]
+        workers = [context.Process(target=_worker, args=((options, space, settings, j, deadline, shares[j]),))
+                   for j in range(jobs)]
         for process in workers:
             process.start()
         for process in workers:
