@@ -19,6 +19,7 @@ from lightning_noisy.callbacks import (
     ForwardCorrectionCallback,
     LabelCorrectionCallback,
     NoisyLabelMonitor,
+    NoisyValidationScore,
     SampleStateCallback,
     SOPCallback,
     WarmupEntropyCallback,
@@ -33,7 +34,7 @@ PUBLIC_CALLBACKS = [
 def test_the_public_callbacks_are_the_ones_checked_here() -> None:
     assert set(PUBLIC_CALLBACKS) == {AUMCallback, CoDivideCallback, CurriculumCallback, ELRCallback,
                                      ForwardCorrectionCallback, LabelCorrectionCallback, NoisyLabelMonitor,
-                                     SOPCallback, WarmupEntropyCallback}
+                                     NoisyValidationScore, SOPCallback, WarmupEntropyCallback}
 
 
 @pytest.mark.parametrize("cls", PUBLIC_CALLBACKS, ids=lambda cls: cls.__name__)
