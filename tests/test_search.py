@@ -158,13 +158,8 @@ def test_every_choice_of_the_shipped_space_builds_through_the_cli(tmp_path: Path
         path.write_text(yaml.safe_dump(trial_config(settings, space, selection)))
         cli = quiet_cli(str(path), seed=None)  # the CLI instantiates model, data and callbacks
         assert cli.datamodule.noisy_val_fraction == 0.1, selection.label
-        model = type(cli.model).__name__
-        if selection.choices["selection"] == "dividemix":
-            assert model == "DivideMix"
-        elif selection.choices["selection"] == "coteaching":
-            assert model == "CoTeaching"
-        else:
-            assert model == "NoisyClassifier"
+        whole_methods = {"dividemix": "DivideMix", "coteaching": "CoTeaching", "promix": "ProMix", "sop_plus": "SOPPlus"}
+        assert type(cli.model).__name__ == whole_methods.get(selection.choices["selection"], "NoisyClassifier")
         assert "noisy_val_fraction" not in final_config(base, space, selection)["data"]["init_args"]
 
 
