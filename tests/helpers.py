@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -88,10 +90,10 @@ class _ClosesGroup:
 
 
 class SpawnDDPStrategy(_ClosesGroup, DDPStrategy):
-    """``ddp_spawn`` that closes its process group."""
+    """``ddp_spawn`` that closes its process group; ``timeout`` bounds each collective's wait."""
 
-    def __init__(self) -> None:
-        super().__init__(start_method="spawn")
+    def __init__(self, timeout: timedelta = default_pg_timeout) -> None:
+        super().__init__(start_method="spawn", timeout=timeout)
 
 
 class SpawnShardedStateStrategy(_ClosesGroup, ShardedStateDDPStrategy):

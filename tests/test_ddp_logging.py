@@ -150,7 +150,7 @@ def _fit(name: str, folder: str) -> list[str]:
 
     fit = FITS[name]
     pl.seed_everything(0, verbose=False)
-    # 80 training samples per rank in 4 full batches of 20 (FeatureMixup needs pairs in every batch under DDP)
+    # 80 training samples per rank in 4 full batches of 20
     data = MNIST1DDataModule(num_samples=200, batch_size=20, noise_type="symmetric", noise_rate=0.4, noise_seed=0)
     logger = TensorBoardLogger(folder, name=name) if fit.tensorboard else False
     run = trainer(devices=2, strategy=DDPStrategy(), max_epochs=fit.epochs, callbacks=fit.callbacks(), logger=logger)

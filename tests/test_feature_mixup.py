@@ -1,11 +1,16 @@
-"""FeatureMixup: pairing, mixing and soft targets by hand, attention weights, a short fit, bad args."""
+"""FeatureMixup: pairing, mixing and soft targets by hand, attention weights, a short fit, DDP, bad args."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import NUM_CLASSES, NUM_FEATURES, toy_dataset, toy_loader, trainer
+from helpers import NUM_CLASSES, NUM_FEATURES, SpawnDDPStrategy, toy_dataset, toy_loader, trainer
+from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
 
 from lightning_noisy.methods.feature_mixup import (
     FeatureMixup,
@@ -137,3 +142,40 @@ def test_bad_function_arguments() -> None:
         mix_features(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="hard integer labels"):
         feature_mixup().feature_mixup_loss(torch.zeros(2, NUM_FEATURES), torch.zeros(2, 3))
+
+
+def test_a_batch_without_pairs_gives_the_attention_zero_gradients() -> None:
+    model = feature_mixup()
+    x = torch.randn(3, NUM_FEATURES, generator=torch.Generator().manual_seed(0))
+    out = model.feature_mixup_loss(x, torch.tensor([0, 1, 2]), torch.Generator().manual_seed(0))  # no label twice
+    assert float(out["loss_mix"].detach()) == 0.0 and out["weights_within"].shape == (0, 2)
+    out["loss"].backward()
+    for name, parameter in model.attention.named_parameters():
+        assert parameter.grad is not None and not parameter.grad.any(), name  # in the graph, with zero gradient
+
+
+class SameWeightsOnEveryRank(pl.Callback):
+    """At the end of the fit, on each rank: every rank holds the same weights, and the attention has moved."""
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.attention_start = torch.cat([p.detach().flatten().clone() for p in pl_module.attention.parameters()])
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        weights = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        gathered = trainer.strategy.all_gather(weights)
+        assert torch.equal(gathered[0], gathered[1])
+        attention = torch.cat([p.detach().flatten() for p in pl_module.attention.parameters()])
+        assert not torch.equal(attention, self.attention_start)  # rank 1's pairs trained it on both ranks
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_with_and_without_pairs_train_together() -> None:
+    # the DistributedSampler, unshuffled, gives rank 0 samples 0, 2, 4 (labels 0, 1, 2: no pair) and rank 1
+    # samples 1, 3, 5 (labels 0, 0, 1: a within-group pair); before the attention joined every step's graph,
+    # this fit hung in DDP's gradient reduction (the timeout turns a hang into an error)
+    x = torch.randn(6, NUM_FEATURES, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 0, 1, 0, 2, 1])
+    run = trainer(devices=2, strategy=SpawnDDPStrategy(timeout=timedelta(seconds=60)), max_epochs=2, callbacks=[SameWeightsOnEveryRank()])
+    run.fit(feature_mixup(), DataLoader(TensorDataset(x, y), batch_size=3))

@@ -126,7 +126,8 @@ class FeatureMixup(NoisyClassifier):
     backbone, the classifier and, through the mixed features, the attention. Inference is the plain network.
 
     Pairs are drawn with a CPU ``torch.Generator`` seeded from ``(seed, global_step)``: the same pairs in a
-    rerun, and the same positions on every DDP rank. A batch without a group of two gives ``L_mix = 0``.
+    rerun, and the same positions on every DDP rank. A batch without a group of two gives ``L_mix = 0`` (its
+    attention gets zero gradients, so DDP ranks with and without pairs reduce the same parameters).
 
     Logged: ``train/loss``, ``train/loss_ce``, ``train/loss_mix``, ``train/attention_within`` (mean weight
     of the pairs' first sample within groups); ``test/acc`` and ``test/acc_best`` as :class:`NoisyClassifier`.
@@ -174,8 +175,10 @@ class FeatureMixup(NoisyClassifier):
         within, cross = group_pairs(y, int(self.hparams.pairs_per_group), generator)
         pairs = torch.cat([within, cross])
         if pairs.shape[0] == 0:
-            loss_mix = logits.sum() * 0.0
-            weights = logits.new_zeros(0, 2)
+            # no pair: L_mix = 0, but the attention still enters the graph (with zero gradients), so that under
+            # DDP this rank reduces the same parameters as a rank whose batch has pairs
+            weights = self.attention(features[:0], features[:0])
+            loss_mix = (logits.sum() + weights.sum()) * 0.0
         else:
             f_i, f_j = features[pairs[:, 0]], features[pairs[:, 1]]
             weights = self.attention(f_i, f_j)
