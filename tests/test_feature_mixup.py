@@ -177,5 +177,6 @@ def test_ddp_ranks_with_and_without_pairs_train_together() -> None:
     # this fit hung in DDP's gradient reduction (the timeout turns a hang into an error)
     x = torch.randn(6, NUM_FEATURES, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 0, 1, 0, 2, 1])
-    run = trainer(devices=2, strategy=SpawnDDPStrategy(timeout=timedelta(seconds=60)), max_epochs=2, callbacks=[SameWeightsOnEveryRank()])
+    strategy = SpawnDDPStrategy(timeout=timedelta(seconds=60))
+    run = trainer(devices=2, strategy=strategy, max_epochs=2, callbacks=[SameWeightsOnEveryRank()])
     run.fit(feature_mixup(), DataLoader(TensorDataset(x, y), batch_size=3))

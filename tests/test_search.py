@@ -93,6 +93,31 @@ def test_patches_are_filled_and_merged_into_the_base() -> None:
     assert base["model"]["init_args"] == {"loss": "ce", "lr": 0.1}  # the base is not changed
 
 
+def test_model_from_starts_the_patch_from_a_fit_configs_model_section(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "pair.yaml").write_text(yaml.safe_dump(
+        {"trainer": {"max_epochs": 9}, "model": {"class_path": "Pair", "init_args": {"k": 1, "lr": 0.5}}}))
+    spec = yaml.safe_load(yaml.safe_dump(SMALL_SPACE))
+    spec["dimensions"]["selection"]["pair"] = {"model_from": "../configs/pair.yaml",
+                                               "patch": {"model": {"init_args": {"k": "$k"}}},
+                                               "params": {"k": {"type": "int", "low": 1, "high": 3}}}
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "space.yaml").write_text(yaml.safe_dump(spec))
+    space = SearchSpace.from_file(tmp_path / "search" / "space.yaml")  # the path is relative to the space file
+    pair = Selection({"selection": "pair", "loss": "ce", "mixup": "no"}, {"selection.pair.k": 3})
+    base = {"model": {"class_path": "Plain", "init_args": {"loss": "ce"}}, "trainer": {"max_epochs": 2}}
+    # the config's model section (replacing the base's model), its k filled; the config's trainer is not taken
+    assert space.apply(base, pair) == {"model": {"class_path": "Pair", "init_args": {"k": 3, "lr": 0.5}},
+                                       "trainer": {"max_epochs": 2}}
+    with pytest.raises(SearchSpaceError, match=r"selection.pair: model_from must name a fit config file, got 'none.yaml'"):
+        SearchSpace.from_dict({**spec, "dimensions": {**spec["dimensions"], "selection": {
+            "pair": {**spec["dimensions"]["selection"]["pair"], "model_from": "none.yaml"}}}}, root=tmp_path)
+    (tmp_path / "no_model.yaml").write_text(yaml.safe_dump({"trainer": {"max_epochs": 1}}))
+    with pytest.raises(SearchSpaceError, match="has no model section with a class_path"):
+        SearchSpace.from_dict({**spec, "dimensions": {**spec["dimensions"], "selection": {
+            "pair": {**spec["dimensions"]["selection"]["pair"], "model_from": "no_model.yaml"}}}}, root=tmp_path)
+
+
 def test_merge_config_appends_replaces_and_recurses() -> None:
     base = {"trainer": {"callbacks": [{"class_path": "A"}], "max_epochs": 5}, "seed": 1}
     patch = {"trainer": {"callbacks+": [{"class_path": "B"}], "max_epochs": 7}, "new": [1]}
@@ -148,6 +173,9 @@ def _covering_selections(space: SearchSpace) -> list[Selection]:
     return picked
 
 
+WHOLE_METHODS = {"dividemix": "DivideMix", "coteaching": "CoTeaching", "promix": "ProMix", "sop_plus": "SOPPlus"}
+
+
 def test_every_choice_of_the_shipped_space_builds_through_the_cli(tmp_path: Path) -> None:
     space = SearchSpace.from_file(SHIPPED)
     base = yaml.safe_load(Path(CE).read_text())
@@ -158,8 +186,7 @@ def test_every_choice_of_the_shipped_space_builds_through_the_cli(tmp_path: Path
         path.write_text(yaml.safe_dump(trial_config(settings, space, selection)))
         cli = quiet_cli(str(path), seed=None)  # the CLI instantiates model, data and callbacks
         assert cli.datamodule.noisy_val_fraction == 0.1, selection.label
-        whole_methods = {"dividemix": "DivideMix", "coteaching": "CoTeaching", "promix": "ProMix", "sop_plus": "SOPPlus"}
-        assert type(cli.model).__name__ == whole_methods.get(selection.choices["selection"], "NoisyClassifier")
+        assert type(cli.model).__name__ == WHOLE_METHODS.get(selection.choices["selection"], "NoisyClassifier")
         assert "noisy_val_fraction" not in final_config(base, space, selection)["data"]["init_args"]
 
 

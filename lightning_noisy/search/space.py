@@ -11,6 +11,11 @@ A space file holds::
             model: {init_args: {loss: gce, loss_kwargs: {q: $q}}}
           params:            # "$q" in the patch is replaced by the sampled value
             q: {type: float, low: 0.1, high: 0.9}
+      selection:
+        dividemix:
+          model_from: ../mnist1d_dividemix.yaml   # the model section of a fit config (path relative to this file)
+          patch: {model: {init_args: {lambda_u: $lambda_u}}}
+          params: {lambda_u: {type: float, low: 0.0, high: 50.0}}
     invalid:                 # combinations never sampled: every named dimension matches
       - {selection: dividemix, loss: [gce, sce]}
     enqueue:                 # trials to run first (e.g. the package's shipped configs)
@@ -142,11 +147,11 @@ class SearchSpace:
         path = Path(path)
         if not path.is_file():
             raise SearchSpaceError(f"search space file not found: {str(path)!r}")
-        return cls.from_dict(yaml.safe_load(path.read_text()), str(path))
+        return cls.from_dict(yaml.safe_load(path.read_text()), str(path), root=path.parent)
 
     @classmethod
-    def from_dict(cls, spec: Any, where: str = "space") -> SearchSpace:
-        """Build a space from its mapping (the parsed YAML)."""
+    def from_dict(cls, spec: Any, where: str = "space", root: str | Path = ".") -> SearchSpace:
+        """Build a space from its mapping (the parsed YAML); a choice's ``model_from`` is relative to ``root``."""
         if not isinstance(spec, Mapping) or not isinstance(spec.get("dimensions"), Mapping) or not spec["dimensions"]:
             raise SearchSpaceError(f"{where}: needs a non-empty mapping 'dimensions', got {spec!r:.120}")
         unknown = set(spec) - {"dimensions", "invalid", "enqueue"}
@@ -156,7 +161,9 @@ class SearchSpace:
         for dim, choices in spec["dimensions"].items():
             if not isinstance(choices, Mapping) or not choices:
                 raise SearchSpaceError(f"{where}: dimension {dim!r} needs a non-empty mapping of choices, got {choices!r}")
-            dimensions[str(dim)] = {str(name): _read_choice(body, f"{where}: {dim}.{name}") for name, body in choices.items()}
+            dimensions[str(dim)] = {
+                str(name): _read_choice(body, f"{where}: {dim}.{name}", Path(root)) for name, body in choices.items()
+            }
         invalid = [_read_rule(rule, dimensions, f"{where}: invalid[{i}]") for i, rule in enumerate(spec.get("invalid") or [])]
         enqueue = [_read_enqueued(entry, f"{where}: enqueue[{i}]") for i, entry in enumerate(spec.get("enqueue") or [])]
         return cls(dimensions, invalid, enqueue)
@@ -300,13 +307,17 @@ def _placeholders(node: Any) -> set[str]:
     return set()
 
 
-def _read_choice(body: Any, where: str) -> Choice:
+def _read_choice(body: Any, where: str, root: Path) -> Choice:
     body = {} if body is None else body
-    if not isinstance(body, Mapping) or set(body) - {"patch", "params"}:
-        raise SearchSpaceError(f"{where}: a choice is a mapping with 'patch' and 'params', got {body!r:.120}")
+    if not isinstance(body, Mapping) or set(body) - {"patch", "params", "model_from"}:
+        raise SearchSpaceError(
+            f"{where}: a choice is a mapping with 'patch', 'params' and 'model_from', got {body!r:.120}"
+        )
     patch = body.get("patch") or {}
     if not isinstance(patch, Mapping):
         raise SearchSpaceError(f"{where}: patch must be a mapping, got {patch!r:.120}")
+    if "model_from" in body:
+        patch = merge_config({"model": _model_section(body["model_from"], root, where)}, patch)
     specs = body.get("params") or {}
     if not isinstance(specs, Mapping):
         raise SearchSpaceError(f"{where}: params must be a mapping, got {specs!r:.120}")
@@ -317,6 +328,17 @@ def _read_choice(body: Any, where: str) -> Choice:
             f"{where}: the patch's placeholders {sorted(used)} must be exactly its params {sorted(declared)}"
         )
     return Choice(patch, params)
+
+
+def _model_section(config: Any, root: Path, where: str) -> dict[str, Any]:
+    """The ``model`` section of the fit config ``root / config``."""
+    path = root / str(config)
+    if not isinstance(config, str) or not path.is_file():
+        raise SearchSpaceError(f"{where}: model_from must name a fit config file, got {config!r} ({str(path)!r} not found)")
+    model = (yaml.safe_load(path.read_text()) or {}).get("model")
+    if not isinstance(model, Mapping) or "class_path" not in model:
+        raise SearchSpaceError(f"{where}: {str(path)!r} has no model section with a class_path")
+    return dict(model)
 
 
 def _read_rule(rule: Any, dimensions: Mapping[str, Mapping[str, Choice]], where: str) -> dict[str, frozenset[str]]:
