@@ -98,6 +98,31 @@ def test_prediction_health_counts_non_finite_rows_and_normalised_entropy() -> No
     assert health.conclude(torch.device("cpu"), distributed=False).rows == 0  # the next epoch starts empty
 
 
+@pytest.mark.parametrize("window", [1, 5, 1 << 18])
+def test_prediction_health_counts_the_same_whatever_it_holds(window: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    steps = [torch.randn(3, 4, generator=generator) * 5 for _ in range(7)]
+    steps[2][1, 0] = float("nan")
+    steps[5][:, 1] = float("inf")  # a whole step of non-finite rows
+    steps.insert(4, torch.randn(2, 6, generator=generator))  # another class count: what is held is counted first
+    each_step = PredictionHealth(window=1)
+    held = PredictionHealth(window=window)
+    for i, logits in enumerate(steps):
+        entropy = i != 6  # a step without the entropy is counted apart as well
+        each_step.add(logits, entropy=entropy)
+        held.add(logits, entropy=entropy)
+    want = each_step.conclude(torch.device("cpu"), distributed=False)
+    got = held.conclude(torch.device("cpu"), distributed=False)
+    assert (got.rows, got.non_finite_rows) == (want.rows, want.non_finite_rows) == (23, 4)
+    assert got.mean_entropy == pytest.approx(want.mean_entropy, rel=1e-6)  # float32 sums of other lengths
+
+
+@pytest.mark.parametrize("window", [0, -3, 2.0, True])
+def test_prediction_health_rejects_a_bad_window(window: object) -> None:
+    with pytest.raises(ValueError, match=rf"window must be an integer >= 1, got {window!r}"):
+        PredictionHealth(window=window)  # type: ignore[arg-type]
+
+
 # -- NaN inputs and an exploding learning rate, with every callback ----------------------------------
 
 

@@ -33,6 +33,7 @@ from lightning_noisy.losses import (
     sce_loss,
     truncated_gce_loss,
 )
+from lightning_noisy.losses._targets import one_hot_rows
 
 P = [[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]]
 
@@ -428,3 +429,11 @@ def test_mixup_bad_input(kwargs: dict, match: str) -> None:
     arguments = {"x": torch.zeros(2, 2), "targets": torch.tensor([0, 1]), "num_classes": 3, **kwargs}
     with pytest.raises(ValueError, match=match):
         mixup_batch(**arguments)
+
+
+def test_one_hot_rows_equals_torch_one_hot_and_refuses_a_label_out_of_range() -> None:
+    labels = torch.tensor([2, 0, 3, 3])
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        assert torch.equal(one_hot_rows(labels, 4, dtype), F.one_hot(labels, 4).to(dtype))
+    with pytest.raises(RuntimeError, match="index 4 is out of bounds"):
+        one_hot_rows(torch.tensor([1, 4]), 4)

@@ -70,6 +70,68 @@ def test_recorder_rejects_wrong_value_shape() -> None:
     assert len(recorder) == 0
 
 
+def _records(rows: int, width: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of ``(index [4], values [4, width])`` with repeated indices, from a seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 10, (4,), generator=generator), torch.randn(4, width, generator=generator))
+            for _ in range(rows)]
+
+
+@pytest.mark.parametrize("topk", [None, 2])
+def test_recorder_holding_records_gathers_what_storing_each_at_once_gathers(topk: int | None) -> None:
+    records = _records(9, 5, seed=0)
+    at_once = SampleRecorder((5,), topk=topk, hold_bytes=0)  # every record stored when added
+    held = SampleRecorder((5,), topk=topk, hold_bytes=3 * 4 * 5 * 4)  # stored every third batch, and at the gather
+    for index, values in records:
+        at_once.add(index, values)
+        held.add(index, values)
+        assert len(held) == len(at_once)
+    for reduction in ("mean", "first", "last"):
+        a, b = SampleRecorder((5,), topk=topk, hold_bytes=0), SampleRecorder((5,), topk=topk)
+        for index, values in records:
+            a.add(index, values)
+            b.add(index, values)
+        for got, want in zip(b.gather(reduction=reduction), a.gather(reduction=reduction)):
+            assert torch.equal(got, want)
+
+
+def test_recorder_keeps_the_order_of_arrival_across_held_and_stored_records() -> None:
+    recorder = SampleRecorder(())
+    recorder.add(torch.tensor([3]), torch.tensor([1.0]))  # held
+    recorder.add_parts(torch.tensor([3]), {"data": torch.tensor([2.0])})  # stored: the held record goes first
+    recorder.add(torch.tensor([3, 5]), torch.tensor([3.0, 4.0]))
+    index, parts = recorder.pending()
+    assert index.tolist() == [3, 3, 3, 5] and parts["data"].tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert recorder.gather(reduction="first")[1].tolist() == [1.0, 4.0]
+    assert recorder.gather(reduction="last")[0].numel() == 0  # the gather cleared the held records too
+
+
+def test_recorder_refuses_a_value_changed_in_place_before_it_was_stored() -> None:
+    recorder = SampleRecorder(())
+    values = torch.tensor([1.0, 2.0])
+    recorder.add(torch.tensor([0, 1]), values)
+    values.mul_(10.0)  # the caller reuses its tensor: the record held would silently change
+    with pytest.raises(RuntimeError, match=r"changed in place before it was stored; pass a copy"):
+        recorder.gather()
+    recorder.clear()
+    recorder.add(torch.tensor([0, 1]), values.clone())
+    values.zero_()  # a copy is safe
+    assert recorder.gather()[1].tolist() == [10.0, 20.0]
+
+
+@pytest.mark.parametrize("hold_bytes", [-1, 1.5, True])
+def test_recorder_rejects_bad_hold_bytes(hold_bytes: object) -> None:
+    with pytest.raises(ValueError, match=rf"hold_bytes must be an integer >= 0, got {hold_bytes!r}"):
+        SampleRecorder((), hold_bytes=hold_bytes)  # type: ignore[arg-type]
+
+
+def test_recorder_clear_drops_the_held_records() -> None:
+    recorder = SampleRecorder(())
+    recorder.add(torch.tensor([0, 1]), torch.tensor([1.0, 2.0]))
+    recorder.clear()
+    assert len(recorder) == 0 and recorder.gather()[0].numel() == 0
+
+
 def test_buffer_writes_counts_visits_and_keeps_unvisited() -> None:
     buffer = SampleBuffer(5, (), fill=-1.0)
     buffer.write(torch.tensor([0, 3]), torch.tensor([2.0, 4.0]))

@@ -36,8 +36,9 @@ def ensemble_targets(targets: Tensor, probabilities: Tensor, beta: float) -> Ten
 
 
 def ensemble_step(targets: Tensor, predictions: Tensor, beta: float) -> Tensor:
-    """``beta * t + (1 - beta) * q`` of targets and normalised predictions ``[B, C]`` (the epoch's end repeats it)."""
-    return beta * targets + (1.0 - beta) * predictions
+    """``beta * t + (1 - beta) * q`` of targets and normalised predictions ``[B, C]`` (the epoch's end repeats it),
+    as one ``lerp`` from ``t`` towards ``q``."""
+    return torch.lerp(targets, predictions, 1.0 - beta)
 
 
 def elr_term(probabilities: Tensor, targets: Tensor) -> Tensor:
@@ -116,8 +117,7 @@ class ELRCallback(SampleStateCallback):
         self._batch_targets: Tensor | None = None  # the step's stored targets [B, C], before this step's update
         self._batch_predictions: Tensor | None = None  # the step's normalised predictions [B, C], without gradient
         self._current_epoch = 0
-        self._term_sum: Tensor | None = None  # this epoch's sum of the term, on the logits' device
-        self._term_steps = 0  # the steps it sums
+        self._terms: list[Tensor] = []  # this epoch's values of the term (0-d, on the logits' device), summed at its end
         self.metric_suffix = ""  # tells apart the metrics of two instances (ELRPlus: one per network)
 
     # -- public API ------------------------------------------------------------------------------
@@ -172,9 +172,7 @@ class ELRCallback(SampleStateCallback):
             return None
         targets = ensemble_step(self._batch_targets.to(probabilities.device), self._batch_predictions, self.beta)
         term = elr_term(probabilities, targets)
-        value = term.detach().double()
-        self._term_sum = value if self._term_sum is None else self._term_sum + value  # no host sync per step
-        self._term_steps += 1
+        self._terms.append(term.detach())  # no op and no host sync per step
         return self.weight * term
 
     @override
@@ -190,7 +188,7 @@ class ELRCallback(SampleStateCallback):
 
     @override
     def on_skipped_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
-        self._term_sum, self._term_steps = None, 0
+        self._terms = []
 
     @override
     def on_epoch_boundary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -209,12 +207,12 @@ class ELRCallback(SampleStateCallback):
         sums = self.sum_over_shards(trainer, targets.layout, sums)
         device = trainer.strategy.root_device
         term = torch.zeros(2, dtype=torch.float64, device=device)
-        term[1] = self._term_steps
-        if self._term_sum is not None:
-            term[0] = self._term_sum.to(device)
+        term[1] = len(self._terms)
+        if self._terms:
+            term[0] = torch.stack(self._terms).sum(dtype=torch.float64).to(device)
         if trainer.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(term)  # every rank's steps
-        term, self._term_sum, self._term_steps = term.cpu(), None, 0
+        term, self._terms = term.cpu(), []
         metrics: dict[str, Tensor] = {}
         if float(term[1]) > 0:
             metrics["noisy/elr_term"] = (term[0] / term[1]).float()

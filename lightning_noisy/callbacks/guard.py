@@ -35,15 +35,26 @@ class EpochVerdict:
 class PredictionHealth:
     """Running totals of one epoch's training logits on this rank, with no host sync per step.
 
-    :meth:`add` takes each step's ``[B, C]`` logits; :meth:`conclude` sums the totals over the ranks (one
-    small all-reduce) into an :class:`EpochVerdict` and starts the next epoch. The softmax entropy is only
-    computed when asked for (the collapse check), so the non-finite count alone costs one ``isfinite``.
+    :meth:`add` takes each step's ``[B, C]`` logits and holds them (detached) until about ``window`` values
+    are held; then they are counted in one pass, so the count costs a few ops per window, not per step.
+    :meth:`conclude` counts what is held, sums the totals over the ranks (one small all-reduce) into an
+    :class:`EpochVerdict` and starts the next epoch. The softmax entropy is only computed when asked for (the
+    collapse check), so the non-finite count alone costs one ``isfinite`` per window.
+
+    Args:
+        window: logit values held before they are counted (``>= 1``; 1 counts every step at once).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, window: int = 1 << 18) -> None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {window!r}")
+        self.window = window
         self._rows = 0  # rows counted this epoch (known on the host: no sync)
         self._finite: Tensor | None = None  # finite rows, int64 on the logits' device
         self._entropy: Tensor | None = None  # summed normalised entropy of the finite rows, float64
+        self._held: list[Tensor] = []  # detached logits not counted yet, all of one class count, dtype and device
+        self._held_values = 0
+        self._held_entropy = False  # whether the logits held are counted with their entropy
 
     def add(self, logits: Tensor, entropy: bool = True) -> None:
         """Count ``logits [B, C]`` (``C >= 2``; other shapes are not predictions and are ignored); with
@@ -51,6 +62,24 @@ class PredictionHealth:
         if logits.ndim != 2 or logits.shape[1] < 2 or logits.shape[0] == 0:
             return
         logits = logits.detach()
+        if self._held:
+            first = self._held[0]
+            if (entropy, logits.shape[1], logits.dtype, logits.device) != (
+                self._held_entropy, first.shape[1], first.dtype, first.device
+            ):
+                self._count_held()
+        self._held.append(logits)
+        self._held_entropy = entropy
+        self._held_values += logits.numel()
+        if self._held_values >= self.window:
+            self._count_held()
+
+    def _count_held(self) -> None:
+        """Add the logits held to the totals, in one pass."""
+        if not self._held:
+            return
+        logits = self._held[0] if len(self._held) == 1 else torch.cat(self._held)
+        entropy, self._held, self._held_values = self._held_entropy, [], 0
         finite = torch.isfinite(logits).all(dim=1)
         self._rows += logits.shape[0]
         self._finite = _accumulate(self._finite, finite.sum())
@@ -61,6 +90,7 @@ class PredictionHealth:
 
     def conclude(self, device: torch.device, distributed: bool) -> EpochVerdict:
         """The epoch's verdict over every rank (a collective when ``distributed``: call it on every rank)."""
+        self._count_held()
         totals = torch.zeros(3, dtype=torch.float64, device=device)
         totals[0] = self._rows
         if self._finite is not None:

@@ -184,7 +184,17 @@ def as_probabilities(targets: Tensor, num_classes: int, *, dtype: torch.dtype = 
     if targets.ndim != 1:
         raise ValueError(f"hard targets must have shape [B], got shape {tuple(targets.shape)}")
     check_labels("targets", targets, num_classes)
-    return torch.nn.functional.one_hot(targets.long(), num_classes).to(dtype)
+    return one_hot_rows(targets, num_classes, dtype)
+
+
+def one_hot_rows(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``[B, C]`` one-hot rows of ``labels [B]`` known to be in ``[0, C)`` (checked, or an arg max), in ``dtype``.
+
+    Unlike ``F.one_hot`` it does not check the range, which costs a host sync per call; a label out of range
+    still fails, in the scatter.
+    """
+    rows = torch.zeros(labels.shape[0], num_classes, dtype=dtype, device=labels.device)
+    return rows.scatter_(1, labels.long().unsqueeze(1), 1.0)
 
 
 def target_probabilities(logits: Tensor, targets: Tensor) -> Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_noisy.losses._targets import (
@@ -20,6 +19,7 @@ from lightning_noisy.losses._targets import (
     check_real,
     check_reduction,
     compute_dtype,
+    one_hot_rows,
     reduce,
     soft_cross_entropy,
     target_probabilities,
@@ -108,7 +108,7 @@ def bootstrap_hard_loss(
     _check_bootstrap_args(beta, reduction)
     probs = target_probabilities(logits, targets)
     log_probs = torch.log_softmax(logits.to(probs.dtype), dim=1)
-    predicted = F.one_hot(logits.detach().argmax(dim=1), logits.shape[1]).to(probs.dtype)
+    predicted = one_hot_rows(logits.detach().argmax(dim=1), logits.shape[1], probs.dtype)
     mixed = beta * probs + (1.0 - beta) * predicted
     return reduce(soft_cross_entropy(log_probs, mixed), reduction)
 

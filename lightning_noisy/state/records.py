@@ -97,8 +97,11 @@ def reduce_parts(
 class SampleRecorder:
     """Collects this rank's ``(index, value)`` records during an epoch; :meth:`gather` merges all ranks.
 
-    Recording is a detached append with no host sync; the gather is one collective per epoch (with a
-    sharded layout, a few all-to-all rounds of at most ``round_bytes`` each, which bounds the copies).
+    Recording is a detached append with no host sync and no copy: :meth:`add` holds the step's tensors until
+    about ``hold_bytes`` of values are held, then copies them into the recorder's storage at once, so a step
+    pays no op for its record. A value must not be changed in place after :meth:`add` (that is detected and
+    refused). The gather is one collective per epoch (with a sharded layout, a few all-to-all rounds of at
+    most ``round_bytes`` each, which bounds the copies).
     Values are kept in the stored form of a :class:`~lightning_noisy.state.storage.RowCodec`: ``dtype``,
     and for ``[C]`` rows optionally top-k, so records of ``C = 1000`` classes need not be dense.
 
@@ -109,6 +112,7 @@ class SampleRecorder:
         round_bytes: most record bytes a rank sends in one all-to-all round of a sharded gather.
         drop_non_finite: leave out of a gather every sample whose reduced record holds a NaN or an
             infinity, so nothing non-finite reaches a buffer; :attr:`non_finite_rows` counts them.
+        hold_bytes: most bytes of values held by :meth:`add` before they are stored (0 stores every record at once).
     """
 
     def __init__(
@@ -118,9 +122,12 @@ class SampleRecorder:
         topk: int | None = None,
         round_bytes: int = 256 << 20,
         drop_non_finite: bool = True,
+        hold_bytes: int = 1 << 20,
     ) -> None:
         if any(int(d) < 1 for d in value_shape):
             raise ValueError(f"value_shape must have positive sizes, got {tuple(value_shape)}")
+        if isinstance(hold_bytes, bool) or not isinstance(hold_bytes, int) or hold_bytes < 0:
+            raise ValueError(f"hold_bytes must be an integer >= 0, got {hold_bytes!r}")
         self.value_shape = tuple(int(d) for d in value_shape)
         self.dtype = dtype
         self.codec = RowCodec(self.value_shape, dtype, topk)
@@ -131,12 +138,17 @@ class SampleRecorder:
         self._parts: RowParts = self.codec.empty(0)
         self._size = 0
         self._taken = 0
+        # records added but not stored yet: (index, values, their version counters at add)
+        self._held: list[tuple[Tensor, Tensor, int, int]] = []
+        self._held_rows = 0
+        self._held_bytes = 0
+        self.hold_bytes = hold_bytes
         self.drop_non_finite = drop_non_finite
         #: samples the last gather left out for a non-finite record, summed over every rank's rows
         self.non_finite_rows = 0
 
     def __len__(self) -> int:
-        return self._size - self._taken
+        return self._size - self._taken + self._held_rows
 
     def _reserve(self, rows: int, device: torch.device) -> None:
         capacity = self._index.shape[0]
@@ -152,16 +164,39 @@ class SampleRecorder:
         self._index, self._parts = index, parts
 
     def add(self, index: Tensor, values: Tensor) -> None:
-        """Record ``values [B, *S]`` for the samples ``index [B]``."""
+        """Record ``values [B, *S]`` for the samples ``index [B]`` (held, not copied: do not change them in place)."""
         if index.ndim != 1 or tuple(values.shape) != (index.shape[0], *self.value_shape):
             raise ValueError(
                 f"expected index [B] and values [B, {', '.join(map(str, self.value_shape))}], "
                 f"got index {tuple(index.shape)} and values {tuple(values.shape)}"
             )
-        parts = self.codec.encode(values.detach())
+        index, values = index.detach(), values.detach()
+        if self._held and (values.device, values.dtype, index.device) != (
+            self._held[0][1].device, self._held[0][1].dtype, self._held[0][0].device
+        ):
+            self._store_held()
+        self._held.append((index, values, index._version, values._version))
+        self._held_rows += int(index.shape[0])
+        self._held_bytes += values.numel() * values.element_size()
+        if self._held_bytes >= self.hold_bytes:
+            self._store_held()
+
+    def _store_held(self) -> None:
+        """Copy the records held into the storage, in the order they came."""
+        if not self._held:
+            return
+        held, self._held, self._held_rows, self._held_bytes = self._held, [], 0, 0
+        if any(index._version != i or values._version != v for index, values, i, v in held):
+            raise RuntimeError(
+                "a tensor given to SampleRecorder.add was changed in place before it was stored; pass a copy "
+                "(values.clone()) if the tensor is reused"
+            )
+        index = held[0][0] if len(held) == 1 else torch.cat([index for index, _, _, _ in held])
+        values = held[0][1] if len(held) == 1 else torch.cat([values for _, values, _, _ in held])
+        parts = self.codec.encode(values)
         rows = int(index.shape[0])
         self._reserve(rows, values.device)
-        self._index[self._size : self._size + rows] = index.detach()
+        self._index[self._size : self._size + rows] = index
         for name, part in parts.items():
             self._parts[name][self._size : self._size + rows] = part
         self._size += rows
@@ -176,6 +211,7 @@ class SampleRecorder:
             got = {name: (tuple(part.shape), part.dtype) for name, part in parts.items()}
             want = {name: (("B", *part.shape[1:]), part.dtype) for name, part in expected.items()}
             raise ValueError(f"records in stored form must be {want} for index [B], got index {tuple(index.shape)} and {got}")
+        self._store_held()  # keep the order of arrival
         rows = int(index.shape[0])
         self._reserve(rows, self._index.device if self._size else index.device)
         self._index[self._size : self._size + rows] = index
@@ -185,11 +221,13 @@ class SampleRecorder:
 
     def pending(self) -> tuple[Tensor, RowParts]:
         """``(index [M], parts)``: copies of this rank's records not yet gathered, in the order they came, on the CPU."""
+        self._store_held()
         begin, end = self._taken, self._size
         return self._index[begin:end].cpu().clone(), {name: part[begin:end].cpu().clone() for name, part in self._parts.items()}
 
     def clear(self) -> None:
         """Drop the records of this rank (and their buffers)."""
+        self._held, self._held_rows, self._held_bytes = [], 0, 0
         self._index, self._parts = torch.empty(0, dtype=torch.long), self.codec.empty(0)
         self._size = self._taken = 0
 
@@ -255,6 +293,7 @@ class SampleRecorder:
 
     def _take(self, rows: int, device: torch.device) -> tuple[Tensor, RowParts]:
         """The oldest ``rows`` records not yet taken (all, if fewer), on ``device``."""
+        self._store_held()
         begin, end = self._taken, min(self._taken + rows, self._size)
         self._taken = end
         index = self._index[begin:end].to(device)

@@ -218,7 +218,7 @@ class RowStore:
     def parts_of(self, rows: Tensor) -> RowParts:
         """The stored form of ``rows`` (what a fetch sends): dense rows, or top-k values and classes."""
         rows = rows.to(self.device)
-        return {name: tensor[rows] for name, tensor in self._parts.items()}
+        return {name: tensor.index_select(0, rows) for name, tensor in self._parts.items()}
 
     def decode(self, parts: RowParts) -> Tensor:
         """Rows from their stored form :meth:`parts_of`, as :meth:`read` returns them."""
