@@ -17,6 +17,10 @@ their median and range.
     .venv/bin/python benchmarks/overhead.py --num-samples 5000 --epochs 2 --repeats 1   # a quick check
     .venv/bin/python benchmarks/overhead.py --variants AUMCallback "aum package (AUMCalculator)"
     .venv/bin/python benchmarks/overhead.py --variants ELRCallback SOPCallback
+    .venv/bin/python benchmarks/overhead.py --variants ELRCallback SOPCallback --channels 128   # a wider network
+
+The callbacks' work is per step and nearly independent of the network, so their ratio to ``plain`` falls as
+a step costs more: ``--batch-size`` and ``--channels`` (the width of ``cnn1d``, 32 in the configs) show how.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.utils._python_dispatch import TorchDispatchMode
 from typing_extensions import override
 
 from lightning_noisy.callbacks import AUMCallback, ELRCallback, LabelCorrectionCallback, NoisyLabelMonitor, SOPCallback
@@ -101,23 +106,74 @@ class EpochTimer(Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def time_epochs(
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched while it is active (on CPU the backward pass runs in this thread too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class EpochOpCount:
+    """ATen ops of the second training epoch, per step: callbacks' hooks, forward, loss, backward, optimiser step
+    and the epoch-boundary work. A count, unlike a time, does not drift with the machine's speed.
+
+    :attr:`first` goes before the other callbacks and :attr:`last` after them, so the count spans their hooks.
+    """
+
+    def __init__(self) -> None:
+        self.mode: OpCounter | None = None
+        self.ops = 0
+        self.steps = 0
+        outer = self
+
+        class First(Callback):
+            @override
+            def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+                if trainer.current_epoch == 1:
+                    outer.mode = OpCounter()
+                    outer.mode.__enter__()
+
+        class Last(Callback):
+            @override
+            def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                   batch: Any, batch_idx: int) -> None:
+                outer.steps += outer.mode is not None
+
+            @override
+            def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+                if outer.mode is not None:
+                    outer.mode.__exit__(None, None, None)
+                    outer.ops, outer.mode = outer.mode.count, None
+
+        self.first, self.last = First(), Last()
+
+    @property
+    def per_step(self) -> float:
+        return self.ops / max(self.steps, 1)
+
+
+def fit(
     callbacks: list[Callback], num_samples: int, epochs: int, num_outputs: int = 10, seed: int = 0,
-    batch_size: int = 128,
-) -> tuple[list[float], int]:
-    """Seconds of each training epoch after the first, for one fit with ``callbacks``; and the training set size."""
+    batch_size: int = 128, channels: int = 32,
+) -> int:
+    """One fit of ``NoisyClassifier`` (cnn1d) with ``callbacks``, training epochs only; returns the training set size."""
     pl.seed_everything(seed, verbose=False)
     datamodule = MNIST1DDataModule(
         num_samples=num_samples, train_split=0.8, noise_type="symmetric", noise_rate=0.4, noise_seed=seed,
         batch_size=batch_size,
     )
-    model = NoisyClassifier(backbone="cnn1d", num_classes=num_outputs, optimizer="sgd", lr=0.1)
-    timer = EpochTimer()
+    model = NoisyClassifier(backbone="cnn1d", num_classes=num_outputs, optimizer="sgd", lr=0.1,
+                            backbone_kwargs={"channels": channels})
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="auto",
         devices=1,
-        callbacks=[*callbacks, timer],
+        callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -126,7 +182,21 @@ def time_epochs(
         limit_val_batches=0,
     )
     trainer.fit(model, datamodule)
-    return timer.times[1:], datamodule.noisy_labels.numel()
+    return datamodule.noisy_labels.numel()
+
+
+def time_epochs(callbacks: list[Callback], *args: Any, **kwargs: Any) -> tuple[list[float], int]:
+    """Seconds of each training epoch after the first, for one :func:`fit` with ``callbacks``; and the training set size."""
+    timer = EpochTimer()
+    num_train = fit([*callbacks, timer], *args, **kwargs)
+    return timer.times[1:], num_train
+
+
+def count_ops(callbacks: list[Callback], num_samples: int, *args: Any, **kwargs: Any) -> float:
+    """ATen ops per step of the second epoch of a two-epoch :func:`fit` with ``callbacks`` (:class:`EpochOpCount`)."""
+    counter = EpochOpCount()
+    fit([counter.first, *callbacks, counter.last], num_samples, 2, *args, **kwargs)
+    return counter.per_step
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -135,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=4, help="epochs per fit; the first is not timed")
     parser.add_argument("--batch-size", type=int, default=128, help="training batch size (the callbacks' work "
                         "is mostly per step, so a larger batch spreads it over more samples)")
+    parser.add_argument("--channels", type=int, default=32, help="width of the cnn1d network (the configs': 32)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of fits, each configuration once per round")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
@@ -146,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--epochs must be >= 2 (the first epoch is a warm-up), got {args.epochs}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.channels < 1:
+        parser.error(f"--channels must be >= 1, got {args.channels}")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads is not None:
@@ -156,33 +229,36 @@ def main(argv: Sequence[str] | None = None) -> None:
     # the data set is in memory: worker processes would only add their own overhead to both sides
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
+    sizes = {"batch_size": args.batch_size, "channels": args.channels}
+    ops = {name: count_ops(make(), args.num_samples, outputs, **sizes) for name, (make, outputs, _) in chosen.items()}
     times: dict[str, list[float]] = {name: [] for name in chosen}
     round_medians: dict[str, list[float]] = {name: [] for name in chosen}
     num_train = 0
     for round_ in range(args.repeats):
         for name, (make_callbacks, num_outputs, _) in chosen.items():
-            epoch_times, num_train = time_epochs(make_callbacks(), args.num_samples, args.epochs, num_outputs,
-                                                 batch_size=args.batch_size)
+            epoch_times, num_train = time_epochs(make_callbacks(), args.num_samples, args.epochs, num_outputs, **sizes)
             times[name] += epoch_times
             round_medians[name].append(statistics.median(epoch_times))
             print(f"round {round_ + 1}/{args.repeats} {name}: " + ", ".join(f"{t:.2f}" for t in epoch_times) + " s")
 
     print(
-        f"\nMNIST-1D, {num_train} training samples, batch size {args.batch_size}, {args.epochs} epochs per fit"
+        f"\nMNIST-1D, {num_train} training samples, cnn1d of {args.channels} channels, batch size {args.batch_size},"
+        f" {args.epochs} epochs per fit"
         " (first not timed),"
         f" {args.repeats} round(s); torch {torch.__version__}, {torch.get_num_threads()} thread(s)\n"
     )
     rows = []
     for name, values in times.items():
         median, baseline = statistics.median(values), VARIANTS[name][2]
-        ratio = within = "—"
+        ratio = within = extra_ops = "—"
         if name != baseline:
+            extra_ops = f"{ops[name] - ops[baseline]:+.1f}"
             ratio = f"{median / statistics.median(times[baseline]):.3f}"
             paired = [a / b for a, b in zip(round_medians[name], round_medians[baseline])]
             within = f"{statistics.median(paired):.3f} ({min(paired):.3f}-{max(paired):.3f})"
-        rows.append([name, len(values), f"{median:.3f}", baseline, ratio, within])
+        rows.append([name, len(values), f"{median:.3f}", baseline, ratio, within, f"{ops[name]:.1f}", extra_ops])
     print(markdown_table(["configuration", "epochs timed", "median s/epoch", "baseline", "ratio",
-                          "ratio within a round: median (range)"], rows))
+                          "ratio within a round: median (range)", "ATen ops / step", "vs baseline"], rows))
 
 
 if __name__ == "__main__":
