@@ -237,3 +237,29 @@ def test_nan_input_on_one_rank_leaves_both_ranks_finite_and_equal() -> None:
     trainer(devices=2, strategy=SpawnDDPStrategy(), max_epochs=3,
             callbacks=[callback, RankChecker(callback, _expect_finite)]).fit(
         PlainClassifier(), DataLoader(nan_input_data(), batch_size=4))
+
+
+class _LabelsOutOfRange(torch.utils.data.Dataset):
+    """A user's dataset with the attributes the callbacks read, whose labels exceed its ``num_classes``."""
+
+    def __init__(self) -> None:
+        self.inner = toy_dataset(n=8)
+        self.noisy_labels = self.inner.noisy_labels.clone()
+        self.noisy_labels[3] = NUM_CLASSES  # one label too many
+        self.clean_labels = None
+        self.num_classes = NUM_CLASSES
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.inner[i]
+
+
+@pytest.mark.parametrize("name", ["elr", "sop"])
+def test_training_labels_out_of_range_are_refused_before_any_state_is_made(name: str) -> None:
+    callback = CALLBACKS[name]()
+    with pytest.raises(ValueError, match=rf"the training labels must be in \[0, num_classes={NUM_CLASSES}\), got labels "
+                       rf"from 0 to {NUM_CLASSES} on _LabelsOutOfRange"):
+        trainer(max_epochs=1, callbacks=[callback]).fit(PlainClassifier(), DataLoader(_LabelsOutOfRange(), batch_size=4))
+    assert callback.sample_buffers() == {}

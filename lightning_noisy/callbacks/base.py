@@ -61,6 +61,11 @@ def find_training_labels(trainer: pl.Trainer) -> TrainingLabels:
             num_classes = getattr(source, "num_classes", None)
             if num_classes is None:
                 num_classes = int(noisy.max()) + 1
+            if noisy.numel() and not (0 <= int(noisy.min()) and int(noisy.max()) < int(num_classes)):
+                raise ValueError(
+                    f"the training labels must be in [0, num_classes={int(num_classes)}), got labels from "
+                    f"{int(noisy.min())} to {int(noisy.max())} on {type(source).__name__}"
+                )
             return TrainingLabels(noisy.to(torch.long).cpu(), None if clean is None else clean.to(torch.long).cpu(),
                                   int(num_classes))
     raise ValueError(
