@@ -192,3 +192,14 @@ def test_history_state_round_trip_and_window_check() -> None:
         SampleHistory(3, window=3).load_state_dict(history.state_dict())
     with pytest.raises(ValueError, match="window must be >= 1, got 0"):
         SampleHistory(3, window=0)
+
+
+def test_recorder_stores_inference_tensors_at_once() -> None:
+    recorder = SampleRecorder(())
+    recorder.add(torch.tensor([0]), torch.tensor([5.0]))  # held
+    with torch.inference_mode():  # as in an evaluation pass: such tensors have no version counter
+        index, values = torch.tensor([1, 2]), torch.tensor([1.0, 2.0])
+    recorder.add(index, values)
+    with torch.inference_mode():
+        values.mul_(10.0)  # allowed in inference mode, and undetectable: the record was stored when added
+    assert recorder.gather()[1].tolist() == [5.0, 1.0, 2.0]  # with the record held before it, in order

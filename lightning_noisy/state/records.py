@@ -139,7 +139,7 @@ class SampleRecorder:
         self._size = 0
         self._taken = 0
         # records added but not stored yet: (index, values, their version counters at add)
-        self._held: list[tuple[Tensor, Tensor, int, int]] = []
+        self._held: list[tuple[Tensor, Tensor, int | None, int | None]] = []
         self._held_rows = 0
         self._held_bytes = 0
         self.hold_bytes = hold_bytes
@@ -175,10 +175,11 @@ class SampleRecorder:
             self._held[0][1].device, self._held[0][1].dtype, self._held[0][0].device
         ):
             self._store_held()
-        self._held.append((index, values, index._version, values._version))
+        versions = (_version(index), _version(values))
+        self._held.append((index, values, *versions))
         self._held_rows += int(index.shape[0])
         self._held_bytes += values.numel() * values.element_size()
-        if self._held_bytes >= self.hold_bytes:
+        if self._held_bytes >= self.hold_bytes or None in versions:  # an inference tensor: no version to check later
             self._store_held()
 
     def _store_held(self) -> None:
@@ -186,7 +187,7 @@ class SampleRecorder:
         if not self._held:
             return
         held, self._held, self._held_rows, self._held_bytes = self._held, [], 0, 0
-        if any(index._version != i or values._version != v for index, values, i, v in held):
+        if any(_version(index) != i or _version(values) != v for index, values, i, v in held):
             raise RuntimeError(
                 "a tensor given to SampleRecorder.add was changed in place before it was stored; pass a copy "
                 "(values.clone()) if the tensor is reused"
@@ -312,6 +313,11 @@ class SampleRecorder:
         index = torch.cat([index for index, _, _ in received])[order]
         parts = {name: torch.cat([parts[name] for _, parts, _ in received])[order] for name in self.codec.empty(0)}
         return index, parts
+
+
+def _version(tensor: Tensor) -> int | None:
+    """The in-place version counter of ``tensor``; ``None`` for an inference tensor, which has none."""
+    return None if tensor.is_inference() else tensor._version
 
 
 def _concatenate(parts: list[Tensor]) -> Tensor:
