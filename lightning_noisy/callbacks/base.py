@@ -59,12 +59,13 @@ def find_training_labels(trainer: pl.Trainer) -> TrainingLabels:
         if isinstance(noisy, Tensor):
             clean = getattr(source, "clean_labels", None)
             num_classes = getattr(source, "num_classes", None)
+            least, most = (int(v) for v in torch.aminmax(noisy)) if noisy.numel() else (0, -1)
             if num_classes is None:
-                num_classes = int(noisy.max()) + 1
-            if noisy.numel() and not (0 <= int(noisy.min()) and int(noisy.max()) < int(num_classes)):
+                num_classes = most + 1
+            if not (0 <= least and most < int(num_classes)):
                 raise ValueError(
                     f"the training labels must be in [0, num_classes={int(num_classes)}), got labels from "
-                    f"{int(noisy.min())} to {int(noisy.max())} on {type(source).__name__}"
+                    f"{least} to {most} on {type(source).__name__}"
                 )
             return TrainingLabels(noisy.to(torch.long).cpu(), None if clean is None else clean.to(torch.long).cpu(),
                                   int(num_classes))

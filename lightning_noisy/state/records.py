@@ -192,8 +192,8 @@ class SampleRecorder:
                 "a tensor given to SampleRecorder.add was changed in place before it was stored; pass a copy "
                 "(values.clone()) if the tensor is reused"
             )
-        index = held[0][0] if len(held) == 1 else torch.cat([index for index, _, _, _ in held])
-        values = held[0][1] if len(held) == 1 else torch.cat([values for _, values, _, _ in held])
+        index = _concatenate([index for index, _, _, _ in held])
+        values = _concatenate([values for _, values, _, _ in held])
         parts = self.codec.encode(values)
         rows = int(index.shape[0])
         self._reserve(rows, values.device)
