@@ -118,16 +118,15 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-class EpochOpCount:
-    """ATen ops of the second training epoch, per step: callbacks' hooks, forward, loss, backward, optimiser step
-    and the epoch-boundary work. A count, unlike a time, does not drift with the machine's speed.
+class EpochWindow:
+    """Something measured over the second training epoch, per step: callbacks' hooks, forward, loss, backward,
+    optimiser step and the epoch-boundary work. :meth:`begin` and :meth:`end` start and stop the measurement.
 
-    :attr:`first` goes before the other callbacks and :attr:`last` after them, so the count spans their hooks.
+    :attr:`first` goes before the other callbacks and :attr:`last` after them, so the window spans their hooks.
     """
 
     def __init__(self) -> None:
-        self.mode: OpCounter | None = None
-        self.ops = 0
+        self.open = False
         self.steps = 0
         outer = self
 
@@ -135,22 +134,47 @@ class EpochOpCount:
             @override
             def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
                 if trainer.current_epoch == 1:
-                    outer.mode = OpCounter()
-                    outer.mode.__enter__()
+                    outer.open = True
+                    outer.begin()
 
         class Last(Callback):
             @override
             def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                    batch: Any, batch_idx: int) -> None:
-                outer.steps += outer.mode is not None
+                outer.steps += outer.open
 
             @override
             def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-                if outer.mode is not None:
-                    outer.mode.__exit__(None, None, None)
-                    outer.ops, outer.mode = outer.mode.count, None
+                if outer.open:
+                    outer.end()
+                    outer.open = False
 
         self.first, self.last = First(), Last()
+
+    def begin(self) -> None:
+        raise NotImplementedError
+
+    def end(self) -> None:
+        raise NotImplementedError
+
+
+class EpochOpCount(EpochWindow):
+    """ATen ops of the second training epoch (:class:`EpochWindow`). A count, unlike a time, does not drift with
+    the machine's speed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode = OpCounter()
+        self.ops = 0
+
+    @override
+    def begin(self) -> None:
+        self.mode.__enter__()
+
+    @override
+    def end(self) -> None:
+        self.mode.__exit__(None, None, None)
+        self.ops = self.mode.count
 
     @property
     def per_step(self) -> float:
