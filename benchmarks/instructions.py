@@ -14,7 +14,8 @@ the callback adds, a lower bound for its time on a memory-bound step.
     .venv/bin/python benchmarks/instructions.py                         # plain, ELRCallback, SOPCallback
     .venv/bin/python benchmarks/instructions.py --variants AUMCallback --num-samples 2000
 
-Needs valgrind on PATH (``apt install valgrind``). One configuration takes 5-10 minutes under it at 5,000 samples.
+Needs valgrind on PATH (``apt install valgrind``). One configuration takes 5-10 minutes under it at 5,000 samples;
+the data generation and the first epoch run under valgrind too, so at 50,000 samples it takes over half an hour.
 """
 
 from __future__ import annotations
