@@ -34,7 +34,7 @@ import torch
 from typing_extensions import override
 
 from common import markdown_table
-from overhead import PLAIN, VARIANTS, EpochWindow, fit
+from overhead import PLAIN, VARIANTS, EpochWindow, fit, with_baselines
 
 STEPS_PREFIX = "steps counted: "
 
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if shutil.which("valgrind") is None:
         parser.error("valgrind is not on PATH (apt install valgrind)")
 
-    chosen = [name for name in VARIANTS if name in args.variants or name in {VARIANTS[v][2] for v in args.variants}]
+    chosen = with_baselines(args.variants)
     per_step: dict[str, float] = {}
     for name in chosen:
         instructions, steps = count(name, *sizes)

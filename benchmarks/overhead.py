@@ -80,6 +80,12 @@ VARIANTS: dict[str, tuple[Callable[[], list[Callback]], int, str]] = {
 }
 
 
+def with_baselines(variants: Sequence[str]) -> list[str]:
+    """The configurations ``variants`` and their baselines, in :data:`VARIANTS`' order (the order they take turns)."""
+    baselines = {VARIANTS[name][2] for name in variants}
+    return [name for name in VARIANTS if name in variants or name in baselines]
+
+
 class EpochTimer(Callback):
     """Wall time of every training epoch, from ``on_train_epoch_start`` to ``on_train_epoch_end``.
 
@@ -235,8 +241,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="configurations to time (each with its baseline)")
     args = parser.parse_args(argv)
-    chosen = {name: VARIANTS[name] for name in VARIANTS
-              if name in args.variants or name in {VARIANTS[v][2] for v in args.variants}}
+    chosen = {name: VARIANTS[name] for name in with_baselines(args.variants)}
     if args.epochs < 2:
         parser.error(f"--epochs must be >= 2 (the first epoch is a warm-up), got {args.epochs}")
     if args.batch_size < 1:
